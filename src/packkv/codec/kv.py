@@ -1,0 +1,147 @@
+"""compress_kv / decompress_kv: the reference codec over whole cache tensors.
+
+Plain PyTorch on any device. Full blocks of ``block_size`` tokens are quantized,
+repacked and bit-packed; the tokens after the last full block stay in fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import PackKVConfig
+from .bitpack import pack_mins, pack_mins_widths, pack_nibbles, pack_planes, unpack_mins, unpack_nibbles, unpack_planes
+from .format import PackedKV, PackedTensor
+from .quantize import FP16_MAX, dequantize_blocks, quantize_blocks
+from .repack import repack_permutation
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supported_head_dim(head_dim: int) -> bool:
+    """Head dims the codec packs: multiples of 16 from 16 to 256."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= 256
+
+
+def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise a clear exception unless ``k`` and ``v`` are a valid cache pair.
+
+    Both must be floating tensors of one shape ``[batch, kv_heads, tokens, head_dim]`` on
+    one device, non-empty, finite and within the fp16 range.
+    """
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [batch, kv_heads, tokens, head_dim], got {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.device != v.device:
+        raise ValueError(f"k and v are on different devices: {k.device} vs {v.device}")
+    if k.numel() == 0:
+        raise ValueError(f"k and v are empty: shape {tuple(k.shape)}")
+    if not supported_head_dim(k.shape[-1]):
+        raise ValueError(f"head_dim {k.shape[-1]} is not supported (multiples of 16 from 16 to 256)")
+    for name, t in (("k", k), ("v", v)):
+        bad = ~torch.isfinite(t)
+        if bad.any():
+            b, h, tok, c = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name} has a non-finite value {t[b, h, tok, c].item()} at batch {b}, head {h}, token {tok}, channel {c}")
+        big = t.abs() > FP16_MAX
+        if big.any():
+            b, h, tok, c = (int(i) for i in big.nonzero()[0])
+            raise ValueError(f"{name} value {t[b, h, tok, c].item()} at batch {b}, head {h}, token {tok}, channel {c} exceeds the fp16 range")
+
+
+def _pack_side(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grouping: str, config: PackKVConfig) -> PackedTensor:
+    """Bit-pack quantized blocks ``q: [batch, heads, n_blocks, block_size, head_dim]``."""
+    b, h, nb, s, d = q.shape
+    p = config.pack_size
+    packs = q.reshape(-1, p, d)
+    mins, widths = pack_mins_widths(packs, config.min_bits)
+    words, offsets = pack_planes(packs - mins.unsqueeze(1).int(), widths)
+    if words.numel() >= 2**31:
+        raise ValueError(f"the packed data needs {words.numel()} words, more than int32 offsets address; compress fewer tokens at once")
+    n_packs = nb * (s // p)
+    return PackedTensor(
+        words=words,
+        offsets=offsets.to(torch.int32).view(b, h, n_packs),
+        widths=pack_nibbles(widths).view(b, h, n_packs, d // 2),
+        mins=pack_mins(mins, config.min_bits).view(b, h, n_packs, -1),
+        scale=scale, zero=zero, grouping=grouping,
+        block_size=s, pack_size=p, min_bits=config.min_bits,
+    )
+
+
+def unpack_ints(packed: PackedTensor) -> torch.Tensor:
+    """The quantized integers of every packed token: int32 ``[batch, heads, n_blocks, block_size, head_dim]``."""
+    d = packed.head_dim
+    widths = unpack_nibbles(packed.widths).reshape(-1, d)
+    mins = unpack_mins(packed.mins, packed.min_bits, d).reshape(-1, d)
+    u = unpack_planes(packed.words, packed.offsets.reshape(-1), widths, packed.pack_size)
+    q = u + mins.unsqueeze(1).int()
+    return q.view(packed.batch, packed.heads, -1, packed.block_size, d)
+
+
+def decode_tensor(packed: PackedTensor) -> torch.Tensor:
+    """Dequantized packed tokens, fp32 ``[batch, heads, n_tokens, head_dim]`` in packed order."""
+    x = dequantize_blocks(unpack_ints(packed), packed.scale, packed.zero, packed.grouping)
+    return x.reshape(packed.batch, packed.heads, -1, packed.head_dim)
+
+
+def compress_kv(
+    k: torch.Tensor, v: torch.Tensor, config: PackKVConfig | None = None, *, return_permutation: bool = False
+) -> PackedKV | tuple[PackedKV, torch.Tensor]:
+    """Compress one layer's cache.
+
+    Args:
+        k, v: ``[batch, kv_heads, tokens, head_dim]`` float16/bfloat16/float32 (K after RoPE).
+        config: codec settings (``PackKVConfig()`` when None).
+        return_permutation: also return the token order, int64
+            ``[batch, kv_heads, n_blocks * block_size]``: packed token j is original
+            token ``perm[..., j]`` (a permutation inside each block).
+
+    Returns:
+        The :class:`PackedKV` (and the permutation). ``.nbytes`` is its stored size in bytes.
+    """
+    config = config or PackKVConfig()
+    check_kv(k, v)
+    b, h, n, d = k.shape
+    s = config.block_size
+    nb = n // s
+    full = nb * s
+    kb = k[:, :, :full].reshape(b, h, nb, s, d)
+    vb = v[:, :, :full].reshape(b, h, nb, s, d)
+    qk, k_scale, k_zero = quantize_blocks(kb, config.k_rel, config.k_grouping)
+    qv, v_scale, v_zero = quantize_blocks(vb, config.v_rel, config.v_grouping)
+    perm = repack_permutation(qk, qv, config.pack_size, config.repack, config.min_bits)
+    rows = perm.unsqueeze(-1).expand(-1, -1, -1, -1, d)
+    qk, qv = torch.gather(qk, 3, rows), torch.gather(qv, 3, rows)
+    if config.k_grouping == "token":
+        k_scale, k_zero = torch.gather(k_scale, 3, perm), torch.gather(k_zero, 3, perm)
+    if config.v_grouping == "token":
+        v_scale, v_zero = torch.gather(v_scale, 3, perm), torch.gather(v_zero, 3, perm)
+    packed = PackedKV(
+        k=_pack_side(qk, k_scale, k_zero, config.k_grouping, config),
+        v=_pack_side(qv, v_scale, v_zero, config.v_grouping, config),
+        k_tail=k[:, :, full:].to(torch.float16).contiguous(),
+        v_tail=v[:, :, full:].to(torch.float16).contiguous(),
+        config=config,
+        dtype=k.dtype,
+    )
+    if return_permutation:
+        starts = torch.arange(0, full, s, device=perm.device).view(1, 1, nb, 1)
+        return packed, (perm + starts).reshape(b, h, full)
+    return packed
+
+
+def decompress_kv(packed: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decompress to ``k, v`` of the original shape and dtype.
+
+    Tokens inside each full block come back in packed order, the same for K and V, which
+    leaves attention unchanged; the fp16 tail follows in its original order.
+    """
+    k = torch.cat([decode_tensor(packed.k), packed.k_tail.float()], dim=2)
+    v = torch.cat([decode_tensor(packed.v), packed.v_tail.float()], dim=2)
+    return k.to(packed.dtype), v.to(packed.dtype)
