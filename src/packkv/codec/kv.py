@@ -68,7 +68,7 @@ def _pack_side(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, groupin
         words=words,
         offsets=offsets.to(torch.int32).view(b, h, n_packs),
         widths=pack_nibbles(widths).view(b, h, n_packs, d // 2),
-        mins=pack_mins(mins, config.min_bits).view(b, h, n_packs, -1),
+        mins=pack_mins(mins, config.min_bits).view(b, h, n_packs, d * config.min_bits // 8),
         scale=scale, zero=zero, grouping=grouping,
         block_size=s, pack_size=p, min_bits=config.min_bits,
     )
@@ -81,13 +81,14 @@ def unpack_ints(packed: PackedTensor) -> torch.Tensor:
     mins = unpack_mins(packed.mins, packed.min_bits, d).reshape(-1, d)
     u = unpack_planes(packed.words, packed.offsets.reshape(-1), widths, packed.pack_size)
     q = u + mins.unsqueeze(1).int()
-    return q.view(packed.batch, packed.heads, -1, packed.block_size, d)
+    n_blocks = packed.n_packs * packed.pack_size // packed.block_size
+    return q.view(packed.batch, packed.heads, n_blocks, packed.block_size, d)
 
 
 def decode_tensor(packed: PackedTensor) -> torch.Tensor:
     """Dequantized packed tokens, fp32 ``[batch, heads, n_tokens, head_dim]`` in packed order."""
     x = dequantize_blocks(unpack_ints(packed), packed.scale, packed.zero, packed.grouping)
-    return x.reshape(packed.batch, packed.heads, -1, packed.head_dim)
+    return x.reshape(packed.batch, packed.heads, packed.n_tokens, packed.head_dim)
 
 
 def compress_kv(

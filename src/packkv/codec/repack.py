@@ -74,7 +74,7 @@ def repack_permutation(
     lead = q_k.shape[:-2]
     block = q_k.shape[-2]
     identity = torch.arange(block, device=q_k.device).expand(*lead, block)
-    if method == "none":
+    if method == "none" or q_k.numel() == 0:
         return identity.clone()
     q = torch.cat([q_k, q_v], dim=-1).reshape(-1, block, q_k.shape[-1] + q_v.shape[-1])
     if method == "greedy":
@@ -87,7 +87,7 @@ def repack_permutation(
         total = 0
         for side in (q_k, q_v):
             idx = order.unsqueeze(-1).expand(*order.shape, side.shape[-1])
-            packs = torch.gather(side, -2, idx).view(*lead, block // pack_size, pack_size, -1)
+            packs = torch.gather(side, -2, idx).view(*lead, block // pack_size, pack_size, side.shape[-1])
             words = pack_cost(packs, min_bits) * (pack_size // WORD_BITS)
             total = total + (-(-words // PACK_ALIGN_WORDS) * PACK_ALIGN_WORDS).sum(-1)
         return total
