@@ -6,6 +6,8 @@ repacked and bit-packed; the tokens after the last full block stay in fp16.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..config import PackKVConfig
@@ -15,6 +17,8 @@ from .quantize import FP16_MAX, dequantize_blocks, quantize_blocks
 from .repack import repack_permutation
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# (u [n_packs, pack_size, head_dim], widths [n_packs, head_dim]) -> (words, offsets)
+Packer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def supported_head_dim(head_dim: int) -> bool:
@@ -54,13 +58,15 @@ def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} value {t[b, h, tok, c].item()} at batch {b}, head {h}, token {tok}, channel {c} exceeds the fp16 range")
 
 
-def _pack_side(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grouping: str, config: PackKVConfig) -> PackedTensor:
+def _pack_side(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grouping: str, config: PackKVConfig, packer: Packer
+) -> PackedTensor:
     """Bit-pack quantized blocks ``q: [batch, heads, n_blocks, block_size, head_dim]``."""
     b, h, nb, s, d = q.shape
     p = config.pack_size
     packs = q.reshape(-1, p, d)
     mins, widths = pack_mins_widths(packs, config.min_bits)
-    words, offsets = pack_planes(packs - mins.unsqueeze(1).int(), widths)
+    words, offsets = packer(packs - mins.unsqueeze(1).int(), widths)
     if words.numel() >= 2**31:
         raise ValueError(f"the packed data needs {words.numel()} words, more than int32 offsets address; compress fewer tokens at once")
     n_packs = nb * (s // p)
@@ -92,7 +98,12 @@ def decode_tensor(packed: PackedTensor) -> torch.Tensor:
 
 
 def compress_kv(
-    k: torch.Tensor, v: torch.Tensor, config: PackKVConfig | None = None, *, return_permutation: bool = False
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: PackKVConfig | None = None,
+    *,
+    return_permutation: bool = False,
+    packer: Packer | None = None,
 ) -> PackedKV | tuple[PackedKV, torch.Tensor]:
     """Compress one layer's cache.
 
@@ -107,6 +118,7 @@ def compress_kv(
         The :class:`PackedKV` (and the permutation). ``.nbytes`` is its stored size in bytes.
     """
     config = config or PackKVConfig()
+    packer = packer or pack_planes
     check_kv(k, v)
     b, h, n, d = k.shape
     s = config.block_size
@@ -124,10 +136,11 @@ def compress_kv(
     if config.v_grouping == "token":
         v_scale, v_zero = torch.gather(v_scale, 3, perm), torch.gather(v_zero, 3, perm)
     packed = PackedKV(
-        k=_pack_side(qk, k_scale, k_zero, config.k_grouping, config),
-        v=_pack_side(qv, v_scale, v_zero, config.v_grouping, config),
-        k_tail=k[:, :, full:].to(torch.float16).contiguous(),
-        v_tail=v[:, :, full:].to(torch.float16).contiguous(),
+        k=_pack_side(qk, k_scale, k_zero, config.k_grouping, config, packer),
+        v=_pack_side(qv, v_scale, v_zero, config.v_grouping, config, packer),
+        # copy=True: an fp16 input's tail slice would otherwise be the caller's memory.
+        k_tail=k[:, :, full:].to(torch.float16, copy=True).contiguous(),
+        v_tail=v[:, :, full:].to(torch.float16, copy=True).contiguous(),
         config=config,
         dtype=k.dtype,
     )
@@ -145,4 +158,6 @@ def decompress_kv(packed: PackedKV) -> tuple[torch.Tensor, torch.Tensor]:
     """
     k = torch.cat([decode_tensor(packed.k), packed.k_tail.float()], dim=2)
     v = torch.cat([decode_tensor(packed.v), packed.v_tail.float()], dim=2)
-    return k.to(packed.dtype), v.to(packed.dtype)
+    # zero + q * scale can pass an original value by up to scale / 2, beyond 65504 (inf in
+    # fp16); the originals lie within +-FP16_MAX, so clamping only ever lowers the error.
+    return k.clamp(-FP16_MAX, FP16_MAX).to(packed.dtype), v.clamp(-FP16_MAX, FP16_MAX).to(packed.dtype)
