@@ -88,7 +88,7 @@ def test_bad_input(k, v, error, match):
 def test_non_finite_or_out_of_range_names_location(bad):
     k, v = random_kv((1, 2, 70, 16), torch.float32)
     v[0, 1, 33, 5] = bad
-    with pytest.raises(ValueError, match="v .*batch 0, head 1, token 33, channel 5"):
+    with pytest.raises(ValueError, match="v has .*batch 0, head 1, token 33, channel 5"):
         compress_kv(k, v)
 
 

@@ -47,15 +47,15 @@ def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k and v are empty: shape {tuple(k.shape)}")
     if not supported_head_dim(k.shape[-1]):
         raise ValueError(f"head_dim {k.shape[-1]} is not supported (multiples of 16 from 16 to 256)")
-    for name, t in (("k", k), ("v", v)):
-        bad = ~torch.isfinite(t)
-        if bad.any():
-            b, h, tok, c = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name} has a non-finite value {t[b, h, tok, c].item()} at batch {b}, head {h}, token {tok}, channel {c}")
-        big = t.abs() > FP16_MAX
-        if big.any():
-            b, h, tok, c = (int(i) for i in big.nonzero()[0])
-            raise ValueError(f"{name} value {t[b, h, tok, c].item()} at batch {b}, head {h}, token {tok}, channel {c} exceeds the fp16 range")
+    # One reduction (and one device sync) for both: NaN fails `<=` too.
+    out_of_range = [~(t.abs() <= FP16_MAX) for t in (k, v)]
+    if bool(torch.stack([m.any() for m in out_of_range]).any()):
+        for name, t, bad in (("k", k, out_of_range[0]), ("v", v, out_of_range[1])):
+            if bad.any():
+                b, h, tok, c = (int(i) for i in bad.nonzero()[0])
+                value = t[b, h, tok, c].item()
+                problem = "a non-finite value" if not torch.isfinite(torch.tensor(value)) else "a value beyond the fp16 range"
+                raise ValueError(f"{name} has {problem} ({value}) at batch {b}, head {h}, token {tok}, channel {c}")
 
 
 def _pack_side(

@@ -185,11 +185,17 @@ def _pack_planes_kernel(
             tl.store(words_ptr + start + (plane0 + b) * WPP + i, word, mask=in_dim & (b < w))
 
 
-def _launch_pack(q: torch.Tensor, mins: torch.Tensor | None, widths: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack ``q: [n_packs, pack_size, head_dim]`` (minus ``mins``) into planes; returns words, offsets."""
+def _launch_pack(
+    q: torch.Tensor, mins: torch.Tensor | None, widths: torch.Tensor, sizes: torch.Tensor, total: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack ``q: [n_packs, pack_size, head_dim]`` (minus ``mins``) into planes; returns words, offsets.
+
+    ``total`` (the sum of ``sizes``) may be given to save a device sync.
+    """
     n_packs, pack_size, head_dim = q.shape
     offsets = torch.cumsum(sizes, 0) - sizes
-    total = int(sizes.sum()) if n_packs else 0
+    if total is None:
+        total = int(sizes.sum()) if n_packs else 0
     words = torch.zeros(total, dtype=torch.int32, device=q.device)
     if total:
         _pack_planes_kernel[(n_packs,)](
@@ -237,11 +243,12 @@ def encode_kv_fused(k: torch.Tensor, v: torch.Tensor, config: PackKVConfig) -> t
             MEDIAN=config.repack == "median",
         )
     sides = []
-    for q, scale, zero, mins, widths, size, grouping in (
-        (ints[0], scales[0], scales[1], stats[0], stats[1], sizes[0], config.k_grouping),
-        (ints[1], scales[2], scales[3], stats[2], stats[3], sizes[1], config.v_grouping),
+    totals = torch.stack([size.sum() for size in sizes]).tolist()  # one sync for both
+    for q, scale, zero, mins, widths, size, total, grouping in (
+        (ints[0], scales[0], scales[1], stats[0], stats[1], sizes[0], totals[0], config.k_grouping),
+        (ints[1], scales[2], scales[3], stats[2], stats[3], sizes[1], totals[1], config.v_grouping),
     ):
-        words, offsets = _launch_pack(q.view(-1, p, d), mins, widths, size)
+        words, offsets = _launch_pack(q.view(-1, p, d), mins, widths, size, total)
         sides.append(PackedTensor(
             words=words, offsets=offsets.to(torch.int32).view(b, h, n_packs),
             widths=pack_nibbles(widths).view(b, h, n_packs, d // 2),
