@@ -1,0 +1,321 @@
+"""Decode-time products over the packed cache vs fp16 baselines, on an NVIDIA GPU.
+
+Question: how fast are the fused Triton kernels (K product, V product, fused decode
+attention) against fp16 cuBLAS (torch.matmul) and fp16 SDPA on the same shapes, and how
+close do they get to the copy bandwidth on the bytes they actually read?
+
+Data: real K (after RoPE) and V of SmolLM2-135M on Hamlet, captured by
+``benchmarks/capture_kv.py`` (2048 tokens, 6 layers, 3 KV heads, head_dim 64). Shapes of
+head_dim 128 (Llama-3.1-8B) concatenate the channels of two real heads. One chunk of
+2048 real tokens per KV head is encoded on the GPU with the reference codec at the
+default PackKVConfig; longer sequences and larger batches replicate its packs (words are
+copied, not aliased, so every byte is read from memory). The fp16 baselines use the
+decoded values of the same cache. Timing: CUDA graphs of several input sets in rotation
+(more than the L2 cache holds), CUDA events around each replay, median.
+
+    PYTHONPATH=src python3 benchmarks/bench_attention.py --data .kvdata/smollm2_kv.pt --json out.json
+    PYTHONPATH=src python3 benchmarks/bench_attention.py --data .kvdata/smollm2_kv.pt --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from packkv import PackKVConfig, PackedKV, PackedTensor, compress_kv
+from packkv.codec import decode_tensor
+from packkv.kernels import _common as kernel_settings
+from packkv.kernels import (
+    decode_attention, decode_attention_reference, pv, pv_reference, qk, qk_reference,
+)
+
+CHUNK_TOKENS = 2048
+TAIL_TOKENS = 32  # fp16 tail after the packed blocks, read by the fused kernel and SDPA alike
+L2_DEFEAT_BYTES = 256 * 2**20  # rotate input sets until at least this much is touched
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    kv_heads: int
+    q_heads: int
+    head_dim: int
+
+
+SHAPES = (ModelShape("Llama-3.1-8B", 8, 32, 128), ModelShape("SmolLM2-135M", 3, 9, 64))
+
+
+def real_chunk(data: dict, shape: ModelShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real K, V ``[1, kv_heads, CHUNK_TOKENS, head_dim]`` fp16 for a model shape.
+
+    head_dim 64: the 3 heads of the 4th captured layer (SmolLM2 layer 15). head_dim 128:
+    KV head j joins the channels of real head sequences 2j and 2j+1 (layers x heads).
+    """
+    k, v = data["k"], data["v"]  # [layers, 3, tokens, 64]
+    if shape.head_dim == 64:
+        pick = lambda x: x[3, : shape.kv_heads]
+    else:
+        pick = lambda x: x.reshape(-1, *x.shape[2:])[: 2 * shape.kv_heads].reshape(shape.kv_heads, 2, *x.shape[2:]).permute(0, 2, 1, 3).reshape(shape.kv_heads, x.shape[2], 128)
+    return pick(k)[None, :, :CHUNK_TOKENS].contiguous(), pick(v)[None, :, :CHUNK_TOKENS].contiguous()
+
+
+def tile_packed(p: PackedTensor, batch: int, reps: int) -> PackedTensor:
+    """Replicate a batch-1 PackedTensor to ``batch`` and ``reps`` times the packs, words copied."""
+    heads = p.heads
+    off = p.offsets[0].long()  # [heads, n_packs]; a head's packs are contiguous in words
+    bounds = off[:, 0].tolist() + [p.words.numel()]
+    segments = [p.words[bounds[h] : bounds[h + 1]] for h in range(heads)]
+    words, offsets, start = [], [], 0
+    for _ in range(batch):
+        row = []
+        for h in range(heads):
+            seg = segments[h]
+            rel = off[h] - off[h, 0]
+            row.append(torch.cat([rel + start + r * seg.numel() for r in range(reps)]))
+            words.append(seg.repeat(reps))
+            start += seg.numel() * reps
+        offsets.append(torch.stack(row))
+    return replace(
+        p,
+        words=torch.cat(words),
+        offsets=torch.stack(offsets).to(torch.int32),
+        widths=p.widths.repeat(batch, 1, reps, 1),
+        mins=p.mins.repeat(batch, 1, reps, 1),
+        scale=p.scale.repeat(batch, 1, reps, 1),
+        zero=p.zero.repeat(batch, 1, reps, 1),
+    )
+
+
+def build_cache(chunk: PackedKV, batch: int, tokens: int) -> PackedKV:
+    """A packed layer of ``tokens`` packed tokens plus the fp16 tail, from one encoded chunk."""
+    copies = tokens // chunk.k.n_tokens
+    tail = lambda t: t[:, :, :TAIL_TOKENS].repeat(batch, 1, 1, 1).contiguous()
+    return replace(
+        chunk, k=tile_packed(chunk.k, batch, copies), v=tile_packed(chunk.v, batch, copies),
+        k_tail=tail(chunk.k_tail), v_tail=tail(chunk.v_tail),
+    )
+
+
+def clone_cache(kv: PackedKV) -> PackedKV:
+    copy = lambda p: replace(p, **{n: t.clone() for n, t in p.tensors().items()})
+    return replace(kv, k=copy(kv.k), v=copy(kv.v), k_tail=kv.k_tail.clone(), v_tail=kv.v_tail.clone())
+
+
+def time_graph(fn, reps: int) -> float:
+    """Median seconds of one replay of a CUDA graph of ``fn``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps: int) -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = time_graph(lambda: dst.copy_(src), reps)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check_correctness(chunk_kv: dict, log: list) -> None:
+    """Kernels vs references on the GPU, over groupings, pack sizes, min_bits and dtypes."""
+    torch.manual_seed(0)
+    cases = [
+        dict(),
+        dict(pack_size=64, min_bits=0, k_grouping="token", v_grouping="channel"),
+        dict(min_bits=8, k_grouping="token", v_grouping="token", k_rel=0.02, v_rel=0.05),
+    ]
+    for (name, (k, v)), case in [(n, c) for n in chunk_kv.items() for c in cases]:
+        cfg = PackKVConfig(**case)
+        kv = compress_kv(k[:, :, :1024 + 40], v[:, :, :1024 + 40], cfg)
+        group = {64: 3, 128: 4}[k.shape[-1]]
+        for dtype in (torch.float16, torch.bfloat16) if not case else (torch.float16,):
+            q = torch.randn(1, k.shape[1] * group, k.shape[-1], device="cuda", dtype=dtype)
+            p = torch.softmax(qk_reference(q, kv.k) / 8, -1)
+            mask = torch.rand(1, k.shape[1], kv.n_tokens, device="cuda") > 0.2
+            errs = (
+                rel_err(qk(q, kv.k), qk_reference(q, kv.k)),
+                rel_err(pv(p, kv.v), pv_reference(p, kv.v)),
+                rel_err(decode_attention(q, kv), decode_attention_reference(q, kv)),
+                rel_err(decode_attention(q, kv, mask=mask), decode_attention_reference(q, kv, mask=mask)),
+            )
+            line = f"check {name} {case or 'default'} {dtype}: rel err qk {errs[0]:.1e} pv {errs[1]:.1e} attn {errs[2]:.1e} masked {errs[3]:.1e}"
+            log.append(line)
+            print(line, flush=True)
+            # fp32 products: far under 1e-4; the attention output is rounded to q's dtype.
+            if max(errs[:2]) > 1e-4 or max(errs[2:]) > 1e-2:
+                raise SystemExit(f"kernel disagrees with the reference: {line}")
+
+
+def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy_bw: float, reps: int) -> list[dict]:
+    """Rows for one (model, batch, tokens): K product, V product, fused attention, vs baselines."""
+    group = shape.q_heads // shape.kv_heads
+    kv = build_cache(chunk, batch, tokens)
+    n_total = kv.n_tokens
+    dense_bytes = 2 * batch * shape.kv_heads * n_total * shape.head_dim * 2
+    n_sets = max(1, min(16, math.ceil(L2_DEFEAT_BYTES / dense_bytes)))
+    copies = tokens // chunk.k.n_tokens
+    dense = lambda p, tail: torch.cat([decode_tensor(p).half().repeat(batch, 1, copies, 1), tail], 2)
+    k_dense, v_dense = dense(chunk.k, kv.k_tail), dense(chunk.v, kv.v_tail)
+    sets = []
+    for i in range(n_sets):
+        c = kv if i == 0 else clone_cache(kv)
+        q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+        p = torch.softmax(torch.randn(batch, shape.q_heads, tokens, device="cuda"), -1).half()
+        kd, vd = (k_dense, v_dense) if i == 0 else (k_dense.clone(), v_dense.clone())
+        sets.append((c, q, p, kd, vd))
+    if tokens <= 4096:  # the references materialize fp32 copies: check at the small size only
+        c, q, p, _, _ = sets[0]
+        assert rel_err(decode_attention(q, c), decode_attention_reference(q, c)) < 1e-2
+        assert rel_err(qk(q, c.k), qk_reference(q, c.k)) < 1e-4
+    scale = 1 / math.sqrt(shape.head_dim)
+
+    def k_base(s):
+        c, q, p, kd, vd = s
+        return torch.matmul(q.view(batch, shape.kv_heads, group, -1), kd[:, :, :tokens].transpose(-1, -2))
+
+    def v_base(s):
+        c, q, p, kd, vd = s
+        return torch.matmul(p.view(batch, shape.kv_heads, group, -1), vd[:, :, :tokens])
+
+    def attn_base(s):
+        c, q, p, kd, vd = s
+        return F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, scale=scale, enable_gqa=True)
+
+    ops = [
+        ("K product", lambda s: qk(s[1], s[0].k), k_base, kv.k.nbytes, dense_bytes // 2 * tokens // n_total, 2 * batch * shape.q_heads * shape.head_dim),
+        ("V product", lambda s: pv(s[2], s[0].v), v_base, kv.v.nbytes, dense_bytes // 2 * tokens // n_total, 2 * batch * shape.q_heads * tokens),
+        ("attention", lambda s: decode_attention(s[1], s[0]), attn_base, kv.nbytes, dense_bytes, 2 * batch * shape.q_heads * shape.head_dim),
+    ]
+    rows = []
+    for op, packed_fn, base_fn, packed_bytes, fp16_bytes, side_bytes in ops:
+        t_packed = time_graph(lambda: [packed_fn(s) for s in sets], reps) / n_sets
+        t_base = time_graph(lambda: [base_fn(s) for s in sets], reps) / n_sets
+        for impl, t, read in (("packed", t_packed, packed_bytes + side_bytes), ("fp16", t_base, fp16_bytes + side_bytes)):
+            rows.append(dict(
+                model=shape.name, batch=batch, tokens=n_total, op=op, impl=impl, time_us=t * 1e6,
+                fp16_equiv_GBps=(fp16_bytes + side_bytes) / t / 1e9, bytes_read_MB=read / 1e6,
+                frac_copy_bw=read / t / copy_bw, speedup_vs_fp16=t_base / t, compression=fp16_bytes / packed_bytes,
+                baseline={"K product": "torch.matmul", "V product": "torch.matmul", "attention": "SDPA enable_gqa"}[op],
+                input_sets=n_sets,
+            ))
+    return rows
+
+
+def sweep_splits(shape: ModelShape, chunk: PackedKV, tokens: int, reps: int) -> list[dict]:
+    """Times of the three kernels at batch 1 for 4, 8 and 16 programs per multiprocessor."""
+    kv = build_cache(chunk, 1, tokens)
+    q = torch.randn(1, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+    p = torch.softmax(torch.randn(1, shape.q_heads, tokens, device="cuda"), -1).half()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for per_sm in (4, 8, 16):
+        splits = -(-per_sm * sms // shape.kv_heads)
+        times = [time_graph(fn, reps) * 1e6 for fn in (
+            lambda: qk(q, kv.k, splits=splits), lambda: pv(p, kv.v, splits=splits),
+            lambda: decode_attention(q, kv, splits=splits))]
+        rows.append(dict(model=shape.name, tokens=kv.n_tokens, programs_per_sm=per_sm, splits=splits,
+                         qk_us=times[0], pv_us=times[1], attention_us=times[2]))
+        print(f"splits sweep {shape.name} T {kv.n_tokens}: {per_sm} programs/SM ({splits} splits): "
+              f"K {times[0]:.1f} us, V {times[1]:.1f} us, attention {times[2]:.1f} us", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=".kvdata/smollm2_kv.pt", help="file written by capture_kv.py")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--quick", action="store_true", help="T=4K, batch 1, few repeats")
+    parser.add_argument("--no-check", action="store_true", help="skip the correctness sweep")
+    parser.add_argument("--sweep", action="store_true", help="also time 4/8/16 programs per SM (batch 1, T=32K)")
+    parser.add_argument("--num-warps", type=int, help="override the kernels' warps a program")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention needs an NVIDIA GPU")
+    token_list = [4096] if args.quick else [4096, 32768, 131072]
+    batch_list = [1] if args.quick else [1, 8]
+    reps = 10 if args.quick else 30
+    if args.num_warps:
+        kernel_settings.NUM_WARPS = args.num_warps
+    data = torch.load(args.data)
+    device = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, {date}, "
+          f"{kernel_settings.NUM_WARPS} warps a program", flush=True)
+    chunks = {s.name: tuple(t.cuda() for t in real_chunk(data, s)) for s in SHAPES}
+    log: list[str] = []
+    if not args.no_check:
+        check_correctness(chunks, log)
+    copy_bw = copy_bandwidth(reps)
+    print(f"copy bandwidth (read + written): {copy_bw / 1e9:.0f} GB/s", flush=True)
+    config = PackKVConfig()
+    rows, sweep = [], []
+    for shape in SHAPES:
+        k, v = chunks[shape.name]
+        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
+        if args.sweep:
+            sweep += sweep_splits(shape, chunk, 32768, reps)
+        print(f"{shape.name}: chunk of {CHUNK_TOKENS} real tokens, compression {chunk.fp16_nbytes / chunk.nbytes:.2f}x"
+              + (" (head_dim 128 = channels of two real SmolLM2 heads)" if shape.head_dim == 128 else ""), flush=True)
+        for batch in batch_list:
+            for tokens in token_list:
+                need = 2.5 * 2 * batch * shape.kv_heads * tokens * shape.head_dim * 2  # fp16 K, V + packed + temporaries
+                free = torch.cuda.mem_get_info()[0]
+                if need > 0.8 * free:
+                    print(f"skip {shape.name} batch {batch} T {tokens}: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
+                    continue
+                new = bench_case(shape, chunk, batch, tokens, copy_bw, reps)
+                rows += new
+                for r in new:
+                    print(f"  {r['model']:13s} b{r['batch']} T{r['tokens']:7d} {r['op']:9s} {r['impl']:6s} "
+                          f"{r['time_us']:9.1f} us {r['fp16_equiv_GBps']:7.0f} GB/s(fp16-eq) read {r['bytes_read_MB']:8.1f} MB "
+                          f"{r['frac_copy_bw']:5.2f} of copy  x{r['speedup_vs_fp16']:.2f}", flush=True)
+                torch.cuda.empty_cache()
+    print_table(rows, device, date, copy_bw)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=device, date=date, copy_GBps=copy_bw / 1e9, torch=torch.__version__,
+                           triton=triton.__version__, num_warps=kernel_settings.NUM_WARPS,
+                           checks=log, splits_sweep=sweep, rows=rows), f, indent=1)
+
+
+def print_table(rows: list[dict], device: str, date: str, copy_bw: float) -> None:
+    print(f"\n{device}, {date}, copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + written)")
+    print("| model | batch | T | op | packed us | fp16 us (baseline) | speedup | compression | packed fp16-eq GB/s | packed read MB | packed frac of copy BW | fp16 frac of copy BW |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for packed, base in zip(rows[0::2], rows[1::2]):
+        print(f"| {packed['model']} | {packed['batch']} | {packed['tokens']} | {packed['op']} | {packed['time_us']:.1f} | "
+              f"{base['time_us']:.1f} ({packed['baseline']}) | {packed['speedup_vs_fp16']:.2f} | {packed['compression']:.2f} | "
+              f"{packed['fp16_equiv_GBps']:.0f} | {packed['bytes_read_MB']:.1f} | {packed['frac_copy_bw']:.2f} | {base['frac_copy_bw']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

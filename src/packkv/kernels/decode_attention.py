@@ -1,0 +1,240 @@
+"""Fused decode attention over a packed cache: scores, online softmax and ``p . V`` in one pass.
+
+Flash-decoding: the packed sequence of each (batch, KV head) is cut into splits, one
+program each, plus one program for the fp16 tail; every program keeps a running max,
+sum and output for the whole GQA group and writes them; a small kernel combines them.
+K and V are unpacked in registers and never reach global memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codec.format import PackedKV
+from . import _common
+from ._common import check_attention, n_splits, use_triton
+from .planes import (
+    k_block_query, k_word_scores, load_query_tile, pack_meta, packed_args, split_rows, tile_tokens, v_word_product,
+)
+from .reference import decode_attention_reference
+
+LOG2E = 1.4426950408889634
+COMBINE_CHUNK = 64  # splits the combining kernel reads at a time
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One step of the running softmax (base 2) over a tile of scores ``s [16, 32]``.
+
+    Returns the tile's weights, the new max and sum, and the factor for the old output.
+    A row that has seen only masked tokens keeps max -inf and weights 0.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, m_new, l_i * alpha + tl.sum(p, axis=1), alpha
+
+
+@triton.jit
+def _masked(s, mask_bh, cols, valid, s_mt, HAS_MASK: tl.constexpr):
+    """Scores with -inf where the token is out of range or masked out."""
+    keep = valid
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_bh + cols * s_mt, mask=valid, other=0) != 0)
+    return tl.where(keep[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, m_part, l_part, acc_part,
+    kw_ptr, ko_ptr, kwd_ptr, kmn_ptr, ks_ptr, kz_ptr,
+    ks_word, ks_ob, ks_oh, ks_op, ks_wb, ks_wh, ks_wp, ks_wc, ks_mb, ks_mh, ks_mp, ks_mc,
+    ks_sb, ks_sh, ks_sn, ks_sx, ks_zb, ks_zh, ks_zn, ks_zx,
+    vw_ptr, vo_ptr, vwd_ptr, vmn_ptr, vs_ptr, vz_ptr,
+    vs_word, vs_ob, vs_oh, vs_op, vs_wb, vs_wh, vs_wp, vs_wc, vs_mb, vs_mh, vs_mp, vs_mc,
+    vs_sb, vs_sh, vs_sn, vs_sx, vs_zb, vs_zh, vs_zn, vs_zx,
+    kt_ptr, s_ktb, s_kth, s_ktt, s_ktd, vt_ptr, s_vtb, s_vth, s_vtt, s_vtd,
+    mask_ptr, s_mkb, s_mkh, s_mkt,
+    s_qb, s_qh, s_qd,
+    heads, n_blocks, blocks_per_split, n_pack_splits, n_split, tail_len, qk_scale,
+    GROUP: tl.constexpr, D: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, MIN_BITS: tl.constexpr,
+    K_TOKEN_GROUPED: tl.constexpr, V_TOKEN_GROUPED: tl.constexpr, HAS_MASK: tl.constexpr,
+):
+    """Grid (batch * kv_heads, n_split); split ``n_pack_splits`` (if any) takes the tail.
+
+    Writes per query head and split the running max and sum (base-2 scores) and the
+    unnormalized output, fp32.
+    """
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    WPP: tl.constexpr = PACK // 32
+    PACKS_PER_BLOCK: tl.constexpr = BLOCK // PACK
+    rows = tl.arange(0, 16)
+    tok = tl.arange(0, 32)
+    tt = tile_tokens()
+    chan = tl.arange(0, D)
+    q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
+    q_hi, q_lo, q_norm = split_rows(q)
+    q_sum = tl.sum(q, axis=1)
+    mask_bh = mask_ptr + b * s_mkb + h * s_mkh
+    m_i = tl.full([16], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([16], dtype=tl.float32)
+    acc = tl.zeros([16, D], dtype=tl.float32)
+    if split < n_pack_splits:
+        kwd_bh = kwd_ptr + b * ks_wb + h * ks_wh
+        kmn_bh = kmn_ptr + b * ks_mb + h * ks_mh
+        ks_bh = ks_ptr + b * ks_sb + h * ks_sh
+        kz_bh = kz_ptr + b * ks_zb + h * ks_zh
+        vwd_bh = vwd_ptr + b * vs_wb + h * vs_wh
+        vmn_bh = vmn_ptr + b * vs_mb + h * vs_mh
+        vs_bh = vs_ptr + b * vs_sb + h * vs_sh
+        vz_bh = vz_ptr + b * vs_zb + h * vs_zh
+        first = split * blocks_per_split
+        for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
+            a_hi, a_lo, a_norm, bias = k_block_query(
+                q, q_hi, q_lo, q_norm, ks_bh, kz_bh, block, ks_sn, ks_sx, ks_zn, ks_zx, D, K_TOKEN_GROUPED)
+            for j in range(0, PACKS_PER_BLOCK):
+                pack = block * PACKS_PER_BLOCK + j
+                k_base = tl.load(ko_ptr + b * ks_ob + h * ks_oh + pack * ks_op).to(tl.int64)
+                v_base = tl.load(vo_ptr + b * vs_ob + h * vs_oh + pack * vs_op).to(tl.int64)
+                kw, km, kst, kmax = pack_meta(kwd_bh, kmn_bh, pack, ks_wp, ks_wc, ks_mp, ks_mc, D, MIN_BITS)
+                vw, vm, vst, vmax = pack_meta(vwd_bh, vmn_bh, pack, vs_wp, vs_wc, vs_mp, vs_mc, D, MIN_BITS)
+                for i in tl.static_range(WPP):
+                    tok_in_block = j * PACK + i * 32 + tt
+                    s = k_word_scores(
+                        a_hi, a_lo, a_norm, bias, q_sum,
+                        kw_ptr, ks_word, k_base, kw, km, kst, kmax, i,
+                        ks_bh, kz_bh, block, tok_in_block, ks_sn, ks_sx, ks_zn, ks_zx,
+                        WPP, D, K_TOKEN_GROUPED,
+                    )
+                    s = _masked(s * qk_scale, mask_bh, pack * PACK + i * 32 + tt, tt < 32, s_mkt, HAS_MASK)
+                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i)
+                    acc = acc * alpha[:, None] + v_word_product(
+                        p, vw_ptr, vs_word, v_base, vw, vm, vst, vmax, i,
+                        vs_bh, vz_bh, block, tok_in_block, vs_sn, vs_sx, vs_zn, vs_zx,
+                        WPP, D, V_TOKEN_GROUPED,
+                    )
+    else:
+        kt_bh = kt_ptr + b * s_ktb + h * s_kth
+        vt_bh = vt_ptr + b * s_vtb + h * s_vth
+        n_packed = n_blocks * BLOCK
+        for start in range(0, tail_len, 32):
+            valid = start + tok < tail_len
+            k_t = tl.trans(tl.load(kt_bh + (start + tok)[:, None] * s_ktt + chan[None, :] * s_ktd, mask=valid[:, None], other=0.0))
+            s = (tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t)) * (q_norm * qk_scale)[:, None]
+            s = _masked(s, mask_bh, n_packed + start + tok, valid, s_mkt, HAS_MASK)
+            p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i)
+            v_tile = tl.load(vt_bh + (start + tok)[:, None] * s_vtt + chan[None, :] * s_vtd, mask=valid[:, None], other=0.0)
+            p_hi, p_lo, p_norm = split_rows(p)
+            acc = acc * alpha[:, None] + (tl.dot(p_hi, v_tile) + tl.dot(p_lo, v_tile)) * p_norm[:, None]
+    part = (b * heads * GROUP + h * GROUP + rows) * n_split + split
+    keep = rows < GROUP
+    tl.store(m_part + part, m_i, mask=keep)
+    tl.store(l_part + part, l_i, mask=keep)
+    tl.store(acc_part + part[:, None] * D + chan[None, :], acc, mask=keep[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    m_part, l_part, acc_part, out_ptr, s_ob, s_oh, s_od, q_heads, n_split,
+    CHUNK: tl.constexpr, D: tl.constexpr,
+):
+    """Grid (batch * q_heads): merge the splits of one query head into its output row."""
+    row = tl.program_id(0)
+    chan = tl.arange(0, D)
+    sp = tl.arange(0, CHUNK)
+    m_max = float("-inf")
+    for start in range(0, n_split, CHUNK):
+        m = tl.load(m_part + row * n_split + start + sp, mask=start + sp < n_split, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m, axis=0))
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = 0.0
+    out = tl.zeros([D], dtype=tl.float32)
+    for start in range(0, n_split, CHUNK):
+        valid = start + sp < n_split
+        idx = row * n_split + start + sp
+        weight = tl.exp2(tl.load(m_part + idx, mask=valid, other=float("-inf")) - m_safe)
+        total += tl.sum(weight * tl.load(l_part + idx, mask=valid, other=0.0), axis=0)
+        part = tl.load(acc_part + idx[:, None] * D + chan[None, :], mask=valid[:, None], other=0.0)
+        out += tl.sum(part * weight[:, None], axis=0)
+    out = out / tl.where(total > 0, total, 1.0)
+    b = row // q_heads
+    h = row % q_heads
+    tl.store(out_ptr + b * s_ob + h * s_oh + chan * s_od, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention_triton(
+    q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None, splits: int | None
+) -> torch.Tensor:
+    """Triton :func:`decode_attention` (inputs already validated)."""
+    batch, q_heads, head_dim = q.shape
+    k, v = kv.k, kv.v
+    group = q_heads // k.heads
+    tail_len = kv.k_tail.shape[2]
+    n_blocks = k.n_tokens // k.block_size
+    n_pack_splits = 0 if n_blocks == 0 else n_splits(batch * k.heads, n_blocks, q.device, splits)
+    per_split = max(1, -(-n_blocks // max(n_pack_splits, 1)))
+    n_pack_splits = -(-n_blocks // per_split)
+    n_split = n_pack_splits + (tail_len > 0)
+    m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(batch, q_heads, n_split, head_dim, dtype=torch.float32, device=q.device)
+    if mask is None:
+        mask_arg, mask_strides = q, (0, 0, 0)
+    else:
+        mask_arg = mask.expand(-1, k.heads, -1).view(torch.uint8)
+        mask_strides = mask_arg.stride()
+    _decode_kernel[(batch * k.heads, n_split)](
+        q, m_part, l_part, acc_part, *packed_args(k), *packed_args(v),
+        kv.k_tail, *kv.k_tail.stride(), kv.v_tail, *kv.v_tail.stride(),
+        mask_arg, *mask_strides, *q.stride(),
+        k.heads, n_blocks, per_split, n_pack_splits, n_split, tail_len, sm_scale * LOG2E,
+        GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
+        K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
+        num_warps=_common.NUM_WARPS,
+    )
+    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    _combine_kernel[(batch * q_heads,)](
+        m_part, l_part, acc_part, out, *out.stride(), q_heads, n_split, CHUNK=COMBINE_CHUNK, D=head_dim,
+    )
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv: PackedKV,
+    sm_scale: float | None = None,
+    mask: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token over a packed layer (packed blocks, then the fp16 tail).
+
+    Args:
+        q: ``[batch, q_heads, head_dim]`` fp16/bf16, head_dim 64 or 128; q_heads a multiple
+            of the cache's KV heads (query head h reads KV head ``h // group``).
+        kv: the packed layer.
+        sm_scale: score multiplier, ``1 / sqrt(head_dim)`` when None.
+        mask: optional bool ``[batch, 1 or kv_heads, kv.n_tokens]``, True where a token is
+            attended, in packed token order (the tail after the blocks).
+        splits: chunks of the packed sequence (whole blocks) per (batch, KV head); None
+            picks enough to fill the GPU.
+
+    Returns:
+        ``[batch, q_heads, head_dim]`` in q's dtype; zeros for a row that attends nothing.
+        Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), else
+        :func:`decode_attention_reference`.
+    """
+    check_attention(q, kv, mask)
+    if kv.n_tokens == 0:
+        raise ValueError("kv holds no tokens")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    if not use_triton(q.device):
+        return decode_attention_reference(q, kv, scale, mask)
+    return decode_attention_triton(q, kv, scale, mask, splits)

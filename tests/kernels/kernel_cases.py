@@ -1,0 +1,102 @@
+"""Inputs for the decode-kernel tests (test_qk, test_pv, test_decode_attention): packed
+caches of random or real KV, the grid of cases, and tolerances.
+
+The kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before Triton is imported); every program costs milliseconds, so shapes stay small.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from packkv import PackKVConfig, PackedKV, compress_kv
+
+REAL_KV = Path(__file__).parent.parent / "data" / "smollm2_kv_tiny.pt"  # [1, 3, 160, 64] fp16
+
+# Products are fp32 (tf32x3 on tensor cores, about 2**-22 relative): compared with a
+# tolerance relative to the largest reference value. Attention outputs are rounded to
+# the query dtype, so they may differ from the reference by one unit in the last place.
+PRODUCT_RTOL = 1e-5
+ATTENTION_TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel test input: shape, query dtype, codec settings and data source."""
+
+    batch: int = 1
+    kv_heads: int = 1
+    group: int = 1
+    head_dim: int = 64
+    tokens: int = 100
+    dtype: torch.dtype = torch.float16
+    config: PackKVConfig = PackKVConfig(repack="median")
+    real: bool = False
+
+    def __str__(self) -> str:
+        c = self.config
+        return (f"b{self.batch}h{self.kv_heads}g{self.group}d{self.head_dim}t{self.tokens}-{str(self.dtype)[6:]}"
+                f"-{c.k_grouping[0]}{c.v_grouping[0]}-p{c.pack_size}m{c.min_bits}-r{c.k_rel:g},{c.v_rel:g}"
+                + ("-real" if self.real else ""))
+
+
+def kv_data(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V ``[batch, kv_heads, tokens, head_dim]``: fresh random (never zero) or real SmolLM2 KV.
+
+    Real data has head_dim 64 and 3 heads; head_dim 128 joins the channels of two heads,
+    and extra batch rows take later tokens' order reversed.
+    """
+    if not case.real:
+        g = torch.Generator().manual_seed(seed)
+        shape = (case.batch, case.kv_heads, case.tokens, case.head_dim)
+        k = torch.randn(shape, generator=g) * 2 + torch.randn(1, 1, 1, case.head_dim, generator=g)
+        return k.half(), (torch.randn(shape, generator=g) * 0.5).half()
+    data = torch.load(REAL_KV)
+    k, v = data["k"][0], data["v"][0]  # [3, 160, 64]
+    if case.head_dim == 128:
+        k, v = (torch.cat([x[:-1], x[1:]], dim=-1) for x in (k, v))  # [2, 160, 128]
+    pick = lambda x: torch.stack([x[: case.kv_heads, : case.tokens], x[: case.kv_heads].flip(1)[:, : case.tokens]][: case.batch])
+    return pick(k).contiguous(), pick(v).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def make_case(case: Case, seed: int = 0) -> tuple[torch.Tensor, PackedKV]:
+    """The query ``[batch, kv_heads * group, head_dim]`` and the packed cache of a Case.
+
+    Cached: the three kernels' tests share one encoding (greedy repacking is slow on the
+    CPU); callers must not modify what they get.
+    """
+    k, v = kv_data(case, seed)
+    kv = compress_kv(k, v, case.config)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(case.batch, case.kv_heads * case.group, case.head_dim, generator=g).to(case.dtype)
+    return q, kv
+
+
+def assert_product_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32 products agree to PRODUCT_RTOL of the largest reference value."""
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=PRODUCT_RTOL, atol=PRODUCT_RTOL * ref.abs().max().item())
+
+
+_MEDIAN = dict(repack="median")  # greedy repacking is slow on the CPU; one real case keeps it
+# A grid over shapes (batch, KV heads, GQA group, head_dim, packed tokens and tail), query
+# dtypes, groupings, pack sizes, min_bits, and bit widths: rel 0.5 gives widths of 0..2,
+# 0.1 about 4, 0.002 about 9, 0.001 10, 3e-4 and 1e-4 12 to 14 (the kernels' wide path).
+CASES = [
+    Case(),
+    Case(batch=2, kv_heads=2, group=3, head_dim=128, tokens=130, dtype=torch.bfloat16,
+         config=PackKVConfig(k_rel=0.5, v_rel=0.5, **_MEDIAN)),
+    Case(group=4, tokens=128, config=PackKVConfig(pack_size=64, min_bits=0, k_grouping="token", k_rel=0.002, v_rel=0.001, **_MEDIAN)),
+    Case(kv_heads=2, group=3, head_dim=128, tokens=140,
+         config=PackKVConfig(block_size=128, pack_size=64, min_bits=8, k_rel=0.001, v_rel=0.05, **_MEDIAN)),
+    Case(batch=2, dtype=torch.bfloat16,
+         config=PackKVConfig(k_grouping="token", v_grouping="channel", min_bits=8, k_rel=1e-4, v_rel=3e-4, repack="none")),
+    Case(kv_heads=3, group=3, tokens=160, real=True, config=PackKVConfig()),
+    Case(batch=2, kv_heads=2, group=4, head_dim=128, tokens=96, dtype=torch.bfloat16, real=True,
+         config=PackKVConfig(k_grouping="token", v_grouping="channel", pack_size=64, v_rel=0.5, **_MEDIAN)),
+]
