@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="T=4K, batch 1, few repeats")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness sweep")
     parser.add_argument("--sweep", action="store_true", help="also time 4/8/16 programs per SM (batch 1, T=32K)")
-    parser.add_argument("--num-warps", type=int, help="override the kernels' warps a program")
+    parser.add_argument("--num-warps", type=int, help="override the kernels' warps a program (default: per kernel and head_dim)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs an NVIDIA GPU")
@@ -269,7 +269,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, {date}, "
-          f"{kernel_settings.NUM_WARPS} warps a program", flush=True)
+          f"{kernel_settings.NUM_WARPS or 'default'} warps a program", flush=True)
     chunks = {s.name: tuple(t.cuda() for t in real_chunk(data, s)) for s in SHAPES}
     log: list[str] = []
     if not args.no_check:

@@ -23,7 +23,7 @@ def random_kv(shape, dtype=torch.float16, seed=0):
 
 # Small layers covering groupings, min_bits, pack sizes, repack methods and a tail-only one.
 SAMPLES = [
-    ((1, 2, 70, 16), PackKVConfig(block_size=32, pack_size=32)),
+    ((1, 2, 70, 16), PackKVConfig(block_size=32, pack_size=32, k_grouping="channel")),
     ((2, 1, 150, 32), PackKVConfig(block_size=64, pack_size=32, k_grouping="token", min_bits=8, repack="median")),
     ((1, 1, 64, 16), PackKVConfig(block_size=64, pack_size=64, v_grouping="channel", min_bits=0, repack="none")),
     ((1, 1, 10, 16), PackKVConfig(block_size=32, pack_size=32)),
@@ -131,7 +131,7 @@ def _with(kv, side, field, index, value):
         (lambda kv: replace_side(kv, "k", pack_size=16), r"k\.pack_size must be one of \(32, 64\), got 16"),
         (lambda kv: replace_side(kv, "k", block_size=128), r"k\.offsets holds 2 packs of 32 tokens, not whole blocks of 128"),
         (lambda kv: replace_side(kv, "k", block_size=True), r"k\.block_size must be a multiple"),
-        (lambda kv: dataclasses.replace(kv, config=PackKVConfig(block_size=64, pack_size=32)), r"k\.block_size is 32, the config says 64"),
+        (lambda kv: dataclasses.replace(kv, config=PackKVConfig(block_size=64, pack_size=32, k_grouping="channel")), r"k\.block_size is 32, the config says 64"),
         (lambda kv: dataclasses.replace(kv, v_tail=kv.v_tail[:, :, :2]), r"v_tail has shape \(1, 2, 2, 16\), expected \(1, 2, 6, 16\)"),
         (lambda kv: dataclasses.replace(kv, k_tail=kv.k_tail.float()), r"k_tail must be torch\.float16"),
         (lambda kv: dataclasses.replace(kv, dtype=torch.int32), r"dtype must be one of"),

@@ -13,14 +13,27 @@ QUERY_DTYPES = (torch.float16, torch.bfloat16)
 # A program handles the query heads of one KV head padded to a tile of this many rows
 # (tl.dot needs at least 16), so a GQA group may hold up to 16 query heads.
 GROUP_TILE = 16
-# Warps a program of the three decode kernels, read at each launch. On an H100, 2 beat 4
-# and 8 for fused attention at every shape measured (.notes/kernels.md).
-NUM_WARPS = 2
+# Warps a program of the decode kernels: None picks num_warps()'s measured defaults; an int
+# (benchmarks, tuning) overrides them for all three. Read at each launch.
+NUM_WARPS: int | None = None
 
 
 def use_triton(device: torch.device) -> bool:
     """Triton on CUDA tensors; on the CPU only under the Triton interpreter (tests)."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def num_warps(kernel: str, head_dim: int) -> int:
+    """Warps a program for ``kernel`` ("qk", "pv" or "attention") at ``head_dim``.
+
+    Measured on an H100 (docs/notes/kernels.md, v4, T=32K): the K product is fastest at 2.
+    At head_dim 128 the V product and fused attention take 4: at 2 their [16|32, 128] tiles
+    spill registers (attention 1.8x slower at batch 8; V 1.24x slower at batch 8, 1.09x
+    faster at batch 1). At head_dim 64 they take 2 (attention 1.8x slower at 4).
+    """
+    if NUM_WARPS is not None:
+        return NUM_WARPS
+    return 4 if kernel != "qk" and head_dim == 128 else 2
 
 
 def check_packed(packed: PackedTensor, name: str) -> None:

@@ -18,7 +18,8 @@ from ..codec.format import PackedKV
 from . import _common
 from ._common import check_attention, n_splits, use_triton
 from .planes import (
-    k_block_query, k_word_scores, load_query_tile, pack_meta, packed_args, split_rows, tile_tokens, v_word_product,
+    k_query, k_word_scores, load_query_tile, packed_args, split_rows, tile_tokens, unpack_word, v_word_product, word_meta,
+    word_planes,
 )
 from .reference import decode_attention_reference
 
@@ -49,7 +50,9 @@ def _masked(s, mask_bh, cols, valid, s_mt, HAS_MASK: tl.constexpr):
     return tl.where(keep[None, :], s, float("-inf"))
 
 
-@triton.jit
+# Batch/head strides and counts change as a cache grows; specializing on them (== 1,
+# divisible by 16) would recompile the kernel for seconds in the middle of a generation.
+@triton.jit(do_not_specialize=['ks_ob', 'ks_oh', 'ks_wb', 'ks_wh', 'ks_mb', 'ks_mh', 'ks_sb', 'ks_sh', 'ks_zb', 'ks_zh', 'vs_ob', 'vs_oh', 'vs_wb', 'vs_wh', 'vs_mb', 'vs_mh', 'vs_sb', 'vs_sh', 'vs_zb', 'vs_zh', 's_ktb', 's_kth', 's_vtb', 's_vth', 's_mkb', 's_mkh', 'heads', 'n_blocks', 'blocks_per_split', 'n_pack_splits', 'n_split', 'tail_len'])
 def _decode_kernel(
     q_ptr, m_part, l_part, acc_part,
     kw_ptr, ko_ptr, kwd_ptr, kmn_ptr, ks_ptr, kz_ptr,
@@ -75,53 +78,71 @@ def _decode_kernel(
     b = pid_bh // heads
     h = pid_bh % heads
     WPP: tl.constexpr = PACK // 32
-    PACKS_PER_BLOCK: tl.constexpr = BLOCK // PACK
+    WPB: tl.constexpr = BLOCK // 32
     rows = tl.arange(0, 16)
     tok = tl.arange(0, 32)
     tt = tile_tokens()
     chan = tl.arange(0, D)
-    q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
-    q_hi, q_lo, q_norm = split_rows(q)
-    q_sum = tl.sum(q, axis=1)
     mask_bh = mask_ptr + b * s_mkb + h * s_mkh
     m_i = tl.full([16], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([16], dtype=tl.float32)
     acc = tl.zeros([16, D], dtype=tl.float32)
     if split < n_pack_splits:
+        ko_bh = ko_ptr + b * ks_ob + h * ks_oh
         kwd_bh = kwd_ptr + b * ks_wb + h * ks_wh
         kmn_bh = kmn_ptr + b * ks_mb + h * ks_mh
         ks_bh = ks_ptr + b * ks_sb + h * ks_sh
         kz_bh = kz_ptr + b * ks_zb + h * ks_zh
+        vo_bh = vo_ptr + b * vs_ob + h * vs_oh
         vwd_bh = vwd_ptr + b * vs_wb + h * vs_wh
         vmn_bh = vmn_ptr + b * vs_mb + h * vs_mh
         vs_bh = vs_ptr + b * vs_sb + h * vs_sh
         vz_bh = vz_ptr + b * vs_zb + h * vs_zh
-        first = split * blocks_per_split
-        for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
-            a_hi, a_lo, a_norm, bias = k_block_query(
-                q, q_hi, q_lo, q_norm, ks_bh, kz_bh, block, ks_sn, ks_sx, ks_zn, ks_zx, D, K_TOKEN_GROUPED)
-            for j in range(0, PACKS_PER_BLOCK):
-                pack = block * PACKS_PER_BLOCK + j
-                k_base = tl.load(ko_ptr + b * ks_ob + h * ks_oh + pack * ks_op).to(tl.int64)
-                v_base = tl.load(vo_ptr + b * vs_ob + h * vs_oh + pack * vs_op).to(tl.int64)
-                kw, km, kst, kmax = pack_meta(kwd_bh, kmn_bh, pack, ks_wp, ks_wc, ks_mp, ks_mc, D, MIN_BITS)
-                vw, vm, vst, vmax = pack_meta(vwd_bh, vmn_bh, pack, vs_wp, vs_wc, vs_mp, vs_mc, D, MIN_BITS)
-                for i in tl.static_range(WPP):
-                    tok_in_block = j * PACK + i * 32 + tt
-                    s = k_word_scores(
-                        a_hi, a_lo, a_norm, bias, q_sum,
-                        kw_ptr, ks_word, k_base, kw, km, kst, kmax, i,
-                        ks_bh, kz_bh, block, tok_in_block, ks_sn, ks_sx, ks_zn, ks_zx,
-                        WPP, D, K_TOKEN_GROUPED,
-                    )
-                    s = _masked(s * qk_scale, mask_bh, pack * PACK + i * 32 + tt, tt < 32, s_mkt, HAS_MASK)
-                    p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i)
-                    acc = acc * alpha[:, None] + v_word_product(
-                        p, vw_ptr, vs_word, v_base, vw, vm, vst, vmax, i,
-                        vs_bh, vz_bh, block, tok_in_block, vs_sn, vs_sx, vs_zn, vs_zx,
-                        WPP, D, V_TOKEN_GROUPED,
-                    )
+        first = split * blocks_per_split * WPB
+        last = tl.minimum(first + blocks_per_split * WPB, n_blocks * WPB)
+        # Pipelines of planes.py for K and V: word i (planes loaded), word i+1 (metadata loaded).
+        kb, kw, km, ksc, kze = word_meta(ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh, first, first < last,
+                                         ks_op, ks_wp, ks_wc, ks_mp, ks_mc, ks_sn, ks_sx, ks_zn, ks_zx,
+                                         WPP, BLOCK, D, MIN_BITS, K_TOKEN_GROUPED)
+        kst, kmw, kx0, kx1, kx2, kx3 = word_planes(kw_ptr, ks_word, kb, kw, first, WPP)
+        vb, vw, vm, vsc, vze = word_meta(vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh, first, first < last,
+                                         vs_op, vs_wp, vs_wc, vs_mp, vs_mc, vs_sn, vs_sx, vs_zn, vs_zx,
+                                         WPP, BLOCK, D, MIN_BITS, V_TOKEN_GROUPED)
+        vst, vmw, vx0, vx1, vx2, vx3 = word_planes(vw_ptr, vs_word, vb, vw, first, WPP)
+        nkb, nkw, nkm, nksc, nkze = word_meta(ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh, first + 1, first + 1 < last,
+                                              ks_op, ks_wp, ks_wc, ks_mp, ks_mc, ks_sn, ks_sx, ks_zn, ks_zx,
+                                              WPP, BLOCK, D, MIN_BITS, K_TOKEN_GROUPED)
+        nvb, nvw, nvm, nvsc, nvze = word_meta(vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh, first + 1, first + 1 < last,
+                                              vs_op, vs_wp, vs_wc, vs_mp, vs_mc, vs_sn, vs_sx, vs_zn, vs_zx,
+                                              WPP, BLOCK, D, MIN_BITS, V_TOKEN_GROUPED)
+        a_hi, a_lo, a_norm, bias = k_query(q_ptr, b, h, s_qb, s_qh, s_qd, ksc, kze, GROUP, D, K_TOKEN_GROUPED)
+        for word in range(first, last):
+            nkst, nkmw, nkx0, nkx1, nkx2, nkx3 = word_planes(kw_ptr, ks_word, nkb, nkw, word + 1, WPP)
+            nvst, nvmw, nvx0, nvx1, nvx2, nvx3 = word_planes(vw_ptr, vs_word, nvb, nvw, word + 1, WPP)
+            fkb, fkw, fkm, fksc, fkze = word_meta(ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh, word + 2, word + 2 < last,
+                                                  ks_op, ks_wp, ks_wc, ks_mp, ks_mc, ks_sn, ks_sx, ks_zn, ks_zx,
+                                                  WPP, BLOCK, D, MIN_BITS, K_TOKEN_GROUPED)
+            fvb, fvw, fvm, fvsc, fvze = word_meta(vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh, word + 2, word + 2 < last,
+                                                  vs_op, vs_wp, vs_wc, vs_mp, vs_mc, vs_sn, vs_sx, vs_zn, vs_zx,
+                                                  WPP, BLOCK, D, MIN_BITS, V_TOKEN_GROUPED)
+            if not K_TOKEN_GROUPED:
+                if word % WPB == 0:  # a new block: fold its steps and minima into the query
+                    a_hi, a_lo, a_norm, bias = k_query(q_ptr, b, h, s_qb, s_qh, s_qd, ksc, kze, GROUP, D, K_TOKEN_GROUPED)
+            kv_int = unpack_word(kw_ptr, ks_word, kb, kw, km, kst, kmw, word, kx0, kx1, kx2, kx3, WPP, D, True)
+            s = k_word_scores(a_hi, a_lo, a_norm, bias, kv_int, ksc, kze, kmw, K_TOKEN_GROUPED)
+            s = _masked(s * qk_scale, mask_bh, word * 32 + tt, tt < 32, s_mkt, HAS_MASK)
+            p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i)
+            vv_int = unpack_word(vw_ptr, vs_word, vb, vw, vm, vst, vmw, word, vx0, vx1, vx2, vx3, WPP, D, False)
+            acc = acc * alpha[:, None] + v_word_product(p, vv_int, vsc, vze, vmw, V_TOKEN_GROUPED)
+            kb, kw, km, ksc, kze, kst, kmw = nkb, nkw, nkm, nksc, nkze, nkst, nkmw
+            kx0, kx1, kx2, kx3 = nkx0, nkx1, nkx2, nkx3
+            vb, vw, vm, vsc, vze, vst, vmw = nvb, nvw, nvm, nvsc, nvze, nvst, nvmw
+            vx0, vx1, vx2, vx3 = nvx0, nvx1, nvx2, nvx3
+            nkb, nkw, nkm, nksc, nkze = fkb, fkw, fkm, fksc, fkze
+            nvb, nvw, nvm, nvsc, nvze = fvb, fvw, fvm, fvsc, fvze
     else:
+        q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
+        q_hi, q_lo, q_norm = split_rows(q)
         kt_bh = kt_ptr + b * s_ktb + h * s_kth
         vt_bh = vt_ptr + b * s_vtb + h * s_vth
         n_packed = n_blocks * BLOCK
@@ -141,7 +162,7 @@ def _decode_kernel(
     tl.store(acc_part + part[:, None] * D + chan[None, :], acc, mask=keep[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_split"])
 def _combine_kernel(
     m_part, l_part, acc_part, out_ptr, s_ob, s_oh, s_od, q_heads, n_split,
     CHUNK: tl.constexpr, D: tl.constexpr,
@@ -198,7 +219,7 @@ def decode_attention_triton(
         k.heads, n_blocks, per_split, n_pack_splits, n_split, tail_len, sm_scale * LOG2E,
         GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
         K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
-        num_warps=_common.NUM_WARPS,
+        num_warps=_common.num_warps("attention", head_dim),
     )
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
     _combine_kernel[(batch * q_heads,)](

@@ -84,13 +84,21 @@ def _lower_median(q, S: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _store_range(scale_ptr, zero_ptr, index, step, lo):
+    tl.store(scale_ptr + index, step.to(tl.float16))
+    tl.store(zero_ptr + index, lo.to(tl.float16))
+
+
+@triton.jit
 def _words(widths, WPP: tl.constexpr):
     """Words a pack stores: its planes, padded to a multiple of 4 (as bitpack pads)."""
     used = tl.sum(widths, axis=1) * WPP
     return (used + 3) // 4 * 4
 
 
-@triton.jit
+# Strides and counts change as a cache grows; specializing on them (divisible by 16, == 1)
+# would recompile the kernel for seconds in the middle of a generation.
+@triton.jit(do_not_specialize=["sk_b", "sk_h", "sv_b", "sv_h", "heads", "n_blocks", "k_rel", "v_rel", "cap"])
 def _encode_blocks_kernel(
     k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
     qk_ptr, qv_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr,
@@ -138,18 +146,16 @@ def _encode_blocks_kernel(
     tl.store(qk_ptr + row[:, None] * D + c[None, :], qk.to(tl.int16))
     tl.store(qv_ptr + row[:, None] * D + c[None, :], qv.to(tl.int16))
     tl.store(perm_ptr + row, tok)
+    # Token ranges go to the tokens' packed positions, channel ranges to the block's row.
+    block_row = (bh * n_blocks + blk) * D + c
     if K_TOKEN:
-        tl.store(k_scale_ptr + row, k_step.to(tl.float16))
-        tl.store(k_zero_ptr + row, k_lo.to(tl.float16))
+        _store_range(k_scale_ptr, k_zero_ptr, row, k_step, k_lo)
     else:
-        tl.store(k_scale_ptr + (bh * n_blocks + blk) * D + c, k_step.to(tl.float16))
-        tl.store(k_zero_ptr + (bh * n_blocks + blk) * D + c, k_lo.to(tl.float16))
+        _store_range(k_scale_ptr, k_zero_ptr, block_row, k_step, k_lo)
     if V_TOKEN:
-        tl.store(v_scale_ptr + row, v_step.to(tl.float16))
-        tl.store(v_zero_ptr + row, v_lo.to(tl.float16))
+        _store_range(v_scale_ptr, v_zero_ptr, row, v_step, v_lo)
     else:
-        tl.store(v_scale_ptr + (bh * n_blocks + blk) * D + c, v_step.to(tl.float16))
-        tl.store(v_zero_ptr + (bh * n_blocks + blk) * D + c, v_lo.to(tl.float16))
+        _store_range(v_scale_ptr, v_zero_ptr, block_row, v_step, v_lo)
     pk = (bh * n_blocks + blk) * (S // P) + tl.arange(0, S // P)
     stat = pk[:, None] * D + c[None, :]
     tl.store(k_mins_ptr + stat, k_mins.to(tl.uint8))

@@ -10,6 +10,11 @@ the integers, so ``v = m + u`` multiplies the folded query or weights directly.
 ``norm * (hi + lo)`` with fp16 ``hi``, ``lo``: two fp16 products with fp32 accumulation
 are fp32-accurate (about 2**-22 relative). Wider packs (rel < ~1/1024) add a product of
 the high bits.
+
+The kernels walk their 32-token words in a two-stage software pipeline: while word i is
+unpacked and multiplied, the first four planes of word i+1 (word_planes) and the metadata
+of word i+2 (word_meta) are in flight, so a word does not wait on a chain of dependent
+loads (offset and widths, then one gather a plane).
 """
 
 from __future__ import annotations
@@ -42,54 +47,104 @@ def tile_tokens():
 
 
 @triton.jit
-def pack_meta(widths_bh, mins_bh, pack, s_wp, s_wc, s_mp, s_mc, D: tl.constexpr, MIN_BITS: tl.constexpr):
-    """Widths, minima, first plane of each channel and the widest channel of one pack.
+def word_meta(
+    offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, word, valid,
+    s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx,
+    WPP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, MIN_BITS: tl.constexpr,
+    TOKEN_GROUPED: tl.constexpr,
+):
+    """The metadata loads of one 32-token word (word ``i`` covers packed tokens ``32i..32i+31``).
 
-    Widths are 4-bit codes, channel 2i in the low nibble of byte i; minima likewise for
-    min_bits 4, bytes for 8, absent (0) for 0. Returns int32 ``[D]`` x3 and a scalar.
+    Returns its pack's first word (int64), the pack's widths and minima (int32 ``[D]``), and
+    the word's steps and minima, fp32: ``[32]`` in tile_tokens() order (token grouping) or
+    the block's ``[D]`` (channel grouping). Widths are 4-bit codes, channel 2i in the low
+    nibble of byte i; minima likewise for min_bits 4, bytes for 8, absent (0) for 0.
+    Nothing is read (zeros) unless ``valid``: the kernels issue it for words past their range.
     """
     chan = tl.arange(0, D)
+    pack = word // WPP
+    block = word // (BLOCK // 32)
+    keep = chan < tl.where(valid, D, 0)  # a [D] mask, false unless valid
+    base = tl.load(offsets_bh + pack * s_op, mask=valid, other=0).to(tl.int64)
     nibble_shift = (chan % 2) * 4
-    w = (tl.load(widths_bh + pack * s_wp + (chan // 2) * s_wc).to(tl.int32) >> nibble_shift) & 15
+    w = (tl.load(widths_bh + pack * s_wp + (chan // 2) * s_wc, mask=keep, other=0).to(tl.int32) >> nibble_shift) & 15
     if MIN_BITS == 4:
-        m = (tl.load(mins_bh + pack * s_mp + (chan // 2) * s_mc).to(tl.int32) >> nibble_shift) & 15
+        m = (tl.load(mins_bh + pack * s_mp + (chan // 2) * s_mc, mask=keep, other=0).to(tl.int32) >> nibble_shift) & 15
     elif MIN_BITS == 8:
-        m = tl.load(mins_bh + pack * s_mp + chan * s_mc).to(tl.int32)
+        m = tl.load(mins_bh + pack * s_mp + chan * s_mc, mask=keep, other=0).to(tl.int32)
     else:
         m = tl.zeros([D], dtype=tl.int32)
-    starts = tl.cumsum(w, 0) - w  # planes before channel c: its first word, in planes
-    return w, m, starts, tl.max(w, 0)
+    if TOKEN_GROUPED:
+        tok_in_block = (word % (BLOCK // 32)) * 32 + tile_tokens()
+        on = tok_in_block < tl.where(valid, BLOCK, 0)
+        scale = tl.load(scale_bh + block * s_sn + tok_in_block * s_sx, mask=on, other=0.0).to(tl.float32)
+        zero = tl.load(zero_bh + block * s_zn + tok_in_block * s_zx, mask=on, other=0.0).to(tl.float32)
+    else:
+        scale = tl.load(scale_bh + block * s_sn + chan * s_sx, mask=keep, other=0.0).to(tl.float32)
+        zero = tl.load(zero_bh + block * s_zn + chan * s_zx, mask=keep, other=0.0).to(tl.float32)
+    return base, w, m, scale, zero
+
+
+@triton.jit
+def load_plane(words_ptr, s_word, base, w, starts, b, word, WPP: tl.constexpr):
+    """Plane ``b`` of every channel of one word, int32 ``[D]`` (0 where a channel is narrower).
+
+    Plane b of channel c is the word ``base + (starts[c] + b) * WPP + word % WPP``.
+    """
+    return tl.load(words_ptr + (base + (starts + b) * WPP + word % WPP) * s_word, mask=b < w, other=0)
+
+
+@triton.jit
+def word_planes(words_ptr, s_word, base, w, word, WPP: tl.constexpr):
+    """``starts`` (each channel's first plane in the pack), the widest channel, and planes 0-3 of one word.
+
+    ``starts`` is the exclusive prefix sum of the widths. The four gathers are issued
+    together (a word ahead of their use in the kernels), so they wait on memory once.
+    """
+    starts = tl.cumsum(w, 0) - w
+    x0 = load_plane(words_ptr, s_word, base, w, starts, 0, word, WPP)
+    x1 = load_plane(words_ptr, s_word, base, w, starts, 1, word, WPP)
+    x2 = load_plane(words_ptr, s_word, base, w, starts, 2, word, WPP)
+    x3 = load_plane(words_ptr, s_word, base, w, starts, 3, word, WPP)
+    return starts, tl.max(w, 0), x0, x1, x2, x3
+
+
+@triton.jit
+def _plane_bits(x, b, PAIRED: tl.constexpr):
+    """Bit b of the values in plane word ``x [D]``: ``[16, D]`` two tokens a lane, or ``[32, D]``."""
+    if PAIRED:
+        # Bits j and j + 16 of x land at 0 and 16; the arithmetic shift fills only bits >= 17.
+        return ((x[None, :] >> tl.arange(0, 16)[:, None]) & 0x00010001) << b
+    else:
+        return ((x[None, :] >> tile_tokens()[:, None]) & 1) << b
 
 
 @triton.jit
 def unpack_word(
-    words_ptr, s_word, base, w, m, starts, max_w, word_in_plane,
+    words_ptr, s_word, base, w, m, starts, max_w, word, x0, x1, x2, x3,
     WPP: tl.constexpr, D: tl.constexpr, PAIRED: tl.constexpr,
 ):
-    """Quantized integers ``m + u`` of the 32 tokens of one plane word: int32 ``[32, D]``.
+    """Quantized integers ``m + u`` of the 32 tokens of one word: int32 ``[32, D]``, rows in tile_tokens() order.
 
-    Plane b of channel c is the word ``base + (starts[c] + b) * WPP + word_in_plane``: one
-    [D] gather a plane; channels narrower than b load nothing. Rows follow tile_tokens().
-    ``PAIRED`` unpacks two tokens a lane (j and j + 16: one shift and one mask a plane for
-    both) and interleaves the halves; else one token a lane. Measured on an H100, pairs
-    are faster where the tile is transposed for the K product, single lanes for V.
+    ``x0..x3`` are planes 0-3 from word_planes; planes from 4 up (wide packs) are gathered
+    here, one [D] load a plane. ``PAIRED`` unpacks two tokens a lane (j and j + 16: one
+    shift and one mask a plane for both) and interleaves the halves; else one token a
+    lane. Measured on an H100, pairs are faster where the tile is transposed for the K
+    product, single lanes for V.
     """
+    u = _plane_bits(x0, 0, PAIRED)
+    if max_w > 1:
+        u |= _plane_bits(x1, 1, PAIRED)
+    if max_w > 2:
+        u |= _plane_bits(x2, 2, PAIRED)
+    if max_w > 3:
+        u |= _plane_bits(x3, 3, PAIRED)
+    for b in range(4, max_w):
+        u |= _plane_bits(load_plane(words_ptr, s_word, base, w, starts, b, word, WPP), b, PAIRED)
     if PAIRED:
-        lane = tl.arange(0, 16)
-        u = tl.zeros([16, D], dtype=tl.int32)
-        for b in range(0, max_w):
-            x = tl.load(words_ptr + (base + (starts + b) * WPP + word_in_plane) * s_word, mask=b < w, other=0)
-            # Bits j and j + 16 of x land at 0 and 16; the arithmetic shift fills only bits >= 17.
-            u |= ((x[None, :] >> lane[:, None]) & 0x00010001) << b
         pair = tl.join(u & 0xFFFF, u >> 16)  # [16, D, 2]: tokens j and j + 16
-        v = tl.reshape(tl.permute(pair, (0, 2, 1)), (32, D))
-    else:
-        tok = tile_tokens()
-        v = tl.zeros([32, D], dtype=tl.int32)
-        for b in range(0, max_w):
-            x = tl.load(words_ptr + (base + (starts + b) * WPP + word_in_plane) * s_word, mask=b < w, other=0)
-            v |= ((x[None, :] >> tok[:, None]) & 1) << b
-    return v + m[None, :]
+        u = tl.reshape(tl.permute(pair, (0, 2, 1)), (32, D))
+    return u + m[None, :]
 
 
 @triton.jit
@@ -118,70 +173,54 @@ def dot_split(hi, lo, norm, v, max_w):
 
 
 @triton.jit
-def v_word_product(
-    p, words_ptr, s_word, base, w, m, starts, max_w, word_in_plane,
-    scale_bh, zero_bh, block, tok_in_block, s_sn, s_sx, s_zn, s_zx,
-    WPP: tl.constexpr, D: tl.constexpr, TOKEN_GROUPED: tl.constexpr,
-):
-    """``p . V`` over one 32-token word of a pack, fp32 ``[16, D]``.
+def v_word_product(p, v, scale, zero, max_w, TOKEN_GROUPED: tl.constexpr):
+    """``p . V`` over one 32-token word, fp32 ``[16, D]``, from its integers ``v = m + u [32, D]``.
 
-    ``p [16, 32]`` weights and ``tok_in_block [32]`` block positions, both in tile_tokens()
-    order. Token grouping folds the token scales into the weights, ``b = p * scale``:
+    ``p [16, 32]`` weights in tile_tokens() order; ``scale, zero`` from word_meta. Token
+    grouping folds the token steps into the weights, ``b = p * scale``:
     ``out_c = sum(p * zero) + b . (m + u)[:, c]``; channel grouping gives
     ``out_c = zero_c * sum(p) + scale_c * p . (m + u)[:, c]``.
     """
-    v = unpack_word(words_ptr, s_word, base, w, m, starts, max_w, word_in_plane, WPP, D, False)
     if TOKEN_GROUPED:
-        scale = tl.load(scale_bh + block * s_sn + tok_in_block * s_sx).to(tl.float32)
-        zero = tl.load(zero_bh + block * s_zn + tok_in_block * s_zx).to(tl.float32)
         b_hi, b_lo, b_norm = split_rows(p * scale[None, :])
         out = tl.sum(p * zero[None, :], axis=1)[:, None] + dot_split(b_hi, b_lo, b_norm, v, max_w)
     else:
-        chan = tl.arange(0, D)
-        scale = tl.load(scale_bh + block * s_sn + chan * s_sx).to(tl.float32)
-        zero = tl.load(zero_bh + block * s_zn + chan * s_zx).to(tl.float32)
         p_hi, p_lo, p_norm = split_rows(p)
         out = zero[None, :] * tl.sum(p, axis=1)[:, None] + scale[None, :] * dot_split(p_hi, p_lo, p_norm, v, max_w)
     return out
 
 
 @triton.jit
-def k_block_query(q, q_hi, q_lo, q_norm, scale_bh, zero_bh, block, s_sn, s_sx, s_zn, s_zx,
-                  D: tl.constexpr, TOKEN_GROUPED: tl.constexpr):
-    """The query folded for one block of K: split ``a`` and the per-row bias ``[16]``.
+def k_query(q_ptr, b, h, s_qb, s_qh, s_qd, scale, zero,
+            GROUP: tl.constexpr, D: tl.constexpr, TOKEN_GROUPED: tl.constexpr):
+    """The query tile folded for K: split ``a [16, D]`` and a per-row term ``bias [16]``.
 
-    Channel grouping: ``a = q * scale``, ``bias = sum(q * zero)``, so that
-    ``score = bias + a . (m + u)``. Token grouping: ``a = q`` (already split), bias 0.
+    Channel grouping (``scale, zero [D]`` of one block, from word_meta): ``a = q * scale``,
+    ``bias = sum(q * zero)``, so that ``score = bias + a . (m + u)``; called once a block.
+    Token grouping: ``a = q``, ``bias = sum(q)`` (scale, zero unused); called once. The
+    query is read again each time (an L1/L2 hit) rather than kept in registers.
     """
+    q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
     if TOKEN_GROUPED:
-        a_hi, a_lo, a_norm, bias = q_hi, q_lo, q_norm, tl.zeros_like(q_norm)
+        a_hi, a_lo, a_norm = split_rows(q)
+        bias = tl.sum(q, axis=1)
     else:
-        chan = tl.arange(0, D)
-        scale = tl.load(scale_bh + block * s_sn + chan * s_sx).to(tl.float32)
-        zero = tl.load(zero_bh + block * s_zn + chan * s_zx).to(tl.float32)
         a_hi, a_lo, a_norm = split_rows(q * scale[None, :])
         bias = tl.sum(q * zero[None, :], axis=1)
     return a_hi, a_lo, a_norm, bias
 
 
 @triton.jit
-def k_word_scores(
-    a_hi, a_lo, a_norm, bias, q_sum,
-    words_ptr, s_word, base, w, m, starts, max_w, word_in_plane,
-    scale_bh, zero_bh, block, tok_in_block, s_sn, s_sx, s_zn, s_zx,
-    WPP: tl.constexpr, D: tl.constexpr, TOKEN_GROUPED: tl.constexpr,
-):
-    """Raw scores ``q . K^T`` of one 32-token word of a pack, fp32 ``[16, 32]`` in tile_tokens() order.
+def k_word_scores(a_hi, a_lo, a_norm, bias, v, scale, zero, max_w, TOKEN_GROUPED: tl.constexpr):
+    """Raw scores ``q . K^T`` of one 32-token word, fp32 ``[16, 32]`` in tile_tokens() order.
 
-    ``a_*``, ``bias`` from k_block_query; token grouping then applies the token's step
-    and minimum: ``score_t = zero_t * sum(q) + scale_t * q . (m + u_t)``.
+    ``v = m + u [32, D]`` its integers; ``a_*``, ``bias`` from k_query; token grouping then
+    applies the token steps and minima (``scale, zero [32]``):
+    ``score_t = zero_t * sum(q) + scale_t * q . (m + u_t)``.
     """
-    v = unpack_word(words_ptr, s_word, base, w, m, starts, max_w, word_in_plane, WPP, D, True)
     dot = dot_split(a_hi, a_lo, a_norm, tl.trans(v), max_w)
     if TOKEN_GROUPED:
-        scale = tl.load(scale_bh + block * s_sn + tok_in_block * s_sx).to(tl.float32)
-        zero = tl.load(zero_bh + block * s_zn + tok_in_block * s_zx).to(tl.float32)
-        scores = zero[None, :] * q_sum[:, None] + scale[None, :] * dot
+        scores = zero[None, :] * bias[:, None] + scale[None, :] * dot
     else:
         scores = bias[:, None] + dot
     return scores

@@ -9,11 +9,13 @@ import triton.language as tl
 from ..codec.format import PackedTensor
 from . import _common
 from ._common import check_packed, check_probs, n_splits, use_triton
-from .planes import pack_meta, packed_args, tile_tokens, v_word_product
+from .planes import packed_args, tile_tokens, unpack_word, v_word_product, word_meta, word_planes
 from .reference import pv_reference
 
 
-@triton.jit
+# Batch/head strides and counts change as a cache grows; specializing on them (== 1,
+# divisible by 16) would recompile the kernel for seconds in the middle of a generation.
+@triton.jit(do_not_specialize=['s_ob', 's_oh', 's_wb', 's_wh', 's_mb', 's_mh', 's_sb', 's_sh', 's_zb', 's_zh', 's_pb', 's_ph', 's_partb', 's_parth', 'heads', 'n_blocks', 'blocks_per_split'])
 def _pv_kernel(
     p_ptr, part_ptr,
     words_ptr, offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr,
@@ -24,36 +26,46 @@ def _pv_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr,
     MIN_BITS: tl.constexpr, TOKEN_GROUPED: tl.constexpr,
 ):
-    """Grid (batch * kv_heads, splits); a program writes its split's partial sum ``[GROUP, D]``."""
+    """Grid (batch * kv_heads, splits); a program writes its split's partial sum ``[GROUP, D]``.
+
+    Its 32-token words run through the pipeline of planes.py: word i is summed while the
+    planes and weights of word i+1 and the metadata of word i+2 load.
+    """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
     WPP: tl.constexpr = PACK // 32
-    PACKS_PER_BLOCK: tl.constexpr = BLOCK // PACK
+    WPB: tl.constexpr = BLOCK // 32
     rows = tl.arange(0, 16)
     tt = tile_tokens()
     chan = tl.arange(0, D)
+    offsets_bh = offsets_ptr + b * s_ob + h * s_oh
     widths_bh = widths_ptr + b * s_wb + h * s_wh
     mins_bh = mins_ptr + b * s_mb + h * s_mh
     scale_bh = scale_ptr + b * s_sb + h * s_sh
     zero_bh = zero_ptr + b * s_zb + h * s_zh
     p_rows = p_ptr + b * s_pb + (h * GROUP + rows[:, None]) * s_ph
     acc = tl.zeros([16, D], dtype=tl.float32)
-    first = split * blocks_per_split
-    for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
-        for j in range(0, PACKS_PER_BLOCK):
-            pack = block * PACKS_PER_BLOCK + j
-            base = tl.load(offsets_ptr + b * s_ob + h * s_oh + pack * s_op).to(tl.int64)
-            w, m, starts, max_w = pack_meta(widths_bh, mins_bh, pack, s_wp, s_wc, s_mp, s_mc, D, MIN_BITS)
-            for i in tl.static_range(WPP):
-                cols = pack * PACK + i * 32 + tt
-                p = tl.load(p_rows + cols[None, :] * s_pt, mask=rows[:, None] < GROUP, other=0.0).to(tl.float32)
-                acc += v_word_product(
-                    p, words_ptr, s_word, base, w, m, starts, max_w, i,
-                    scale_bh, zero_bh, block, j * PACK + i * 32 + tt, s_sn, s_sx, s_zn, s_zx,
-                    WPP, D, TOKEN_GROUPED,
-                )
+    first = split * blocks_per_split * WPB
+    last = tl.minimum(first + blocks_per_split * WPB, n_blocks * WPB)
+    # Pipeline state: word i (planes and weights loaded) and word i+1 (metadata loaded).
+    base, w, m, sc, ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, first, first < last,
+                                   s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
+    st, mw, x0, x1, x2, x3 = word_planes(words_ptr, s_word, base, w, first, WPP)
+    p = tl.load(p_rows + (first * 32 + tt)[None, :] * s_pt, mask=rows[:, None] < tl.where(first < last, GROUP, 0), other=0.0)
+    n_base, n_w, n_m, n_sc, n_ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, first + 1, first + 1 < last,
+                                             s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
+    for word in range(first, last):
+        n_st, n_mw, n_x0, n_x1, n_x2, n_x3 = word_planes(words_ptr, s_word, n_base, n_w, word + 1, WPP)
+        n_p = tl.load(p_rows + ((word + 1) * 32 + tt)[None, :] * s_pt,
+                      mask=rows[:, None] < tl.where(word + 1 < last, GROUP, 0), other=0.0)
+        f_base, f_w, f_m, f_sc, f_ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, word + 2, word + 2 < last,
+                                                 s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
+        v = unpack_word(words_ptr, s_word, base, w, m, st, mw, word, x0, x1, x2, x3, WPP, D, False)
+        acc += v_word_product(p.to(tl.float32), v, sc, ze, mw, TOKEN_GROUPED)
+        base, w, m, sc, ze, st, mw, x0, x1, x2, x3, p = n_base, n_w, n_m, n_sc, n_ze, n_st, n_mw, n_x0, n_x1, n_x2, n_x3, n_p
+        n_base, n_w, n_m, n_sc, n_ze = f_base, f_w, f_m, f_sc, f_ze
     out = part_ptr + b * s_partb + (h * GROUP + rows[:, None]) * s_parth + split * s_parts + chan[None, :]
     tl.store(out, acc, mask=rows[:, None] < GROUP)
 
@@ -73,7 +85,7 @@ def pv_triton(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> to
         v.heads, n_blocks, per_split,
         GROUP=group, D=v.head_dim, PACK=v.pack_size, BLOCK=v.block_size,
         MIN_BITS=v.min_bits, TOKEN_GROUPED=v.grouping == "token",
-        num_warps=_common.NUM_WARPS,
+        num_warps=_common.num_warps("pv", v.head_dim),
     )
     return partial.sum(dim=2)
 

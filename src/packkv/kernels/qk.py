@@ -9,11 +9,13 @@ import triton.language as tl
 from ..codec.format import PackedTensor
 from . import _common
 from ._common import check_packed, check_query, n_splits, use_triton
-from .planes import k_block_query, k_word_scores, load_query_tile, pack_meta, packed_args, split_rows, tile_tokens
+from .planes import k_query, k_word_scores, packed_args, tile_tokens, unpack_word, word_meta, word_planes
 from .reference import qk_reference
 
 
-@triton.jit
+# Batch/head strides and counts change as a cache grows; specializing on them (== 1,
+# divisible by 16) would recompile the kernel for seconds in the middle of a generation.
+@triton.jit(do_not_specialize=['s_ob', 's_oh', 's_wb', 's_wh', 's_mb', 's_mh', 's_sb', 's_sh', 's_zb', 's_zh', 's_outb', 's_outh', 'heads', 'n_blocks', 'blocks_per_split'])
 def _qk_kernel(
     q_ptr, out_ptr,
     words_ptr, offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr,
@@ -24,39 +26,45 @@ def _qk_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr,
     MIN_BITS: tl.constexpr, TOKEN_GROUPED: tl.constexpr,
 ):
-    """Grid (batch * kv_heads, splits); a program scores its blocks for the whole GQA group."""
+    """Grid (batch * kv_heads, splits); a program scores its blocks for the whole GQA group.
+
+    Its 32-token words run through the pipeline of planes.py: word i is scored while the
+    planes of word i+1 and the metadata of word i+2 load.
+    """
     pid_bh = tl.program_id(0)
     b = pid_bh // heads
     h = pid_bh % heads
     WPP: tl.constexpr = PACK // 32
-    PACKS_PER_BLOCK: tl.constexpr = BLOCK // PACK
-    q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
-    q_hi, q_lo, q_norm = split_rows(q)
-    q_sum = tl.sum(q, axis=1)
+    WPB: tl.constexpr = BLOCK // 32
     rows = tl.arange(0, 16)
     tt = tile_tokens()
+    offsets_bh = offsets_ptr + b * s_ob + h * s_oh
     widths_bh = widths_ptr + b * s_wb + h * s_wh
     mins_bh = mins_ptr + b * s_mb + h * s_mh
     scale_bh = scale_ptr + b * s_sb + h * s_sh
     zero_bh = zero_ptr + b * s_zb + h * s_zh
     out_rows = out_ptr + b * s_outb + (h * GROUP + rows[:, None]) * s_outh
-    first = tl.program_id(1) * blocks_per_split
-    for block in range(first, tl.minimum(first + blocks_per_split, n_blocks)):
-        a_hi, a_lo, a_norm, bias = k_block_query(
-            q, q_hi, q_lo, q_norm, scale_bh, zero_bh, block, s_sn, s_sx, s_zn, s_zx, D, TOKEN_GROUPED)
-        for j in range(0, PACKS_PER_BLOCK):
-            pack = block * PACKS_PER_BLOCK + j
-            base = tl.load(offsets_ptr + b * s_ob + h * s_oh + pack * s_op).to(tl.int64)
-            w, m, starts, max_w = pack_meta(widths_bh, mins_bh, pack, s_wp, s_wc, s_mp, s_mc, D, MIN_BITS)
-            for i in tl.static_range(WPP):
-                scores = k_word_scores(
-                    a_hi, a_lo, a_norm, bias, q_sum,
-                    words_ptr, s_word, base, w, m, starts, max_w, i,
-                    scale_bh, zero_bh, block, j * PACK + i * 32 + tt, s_sn, s_sx, s_zn, s_zx,
-                    WPP, D, TOKEN_GROUPED,
-                )
-                cols = pack * PACK + i * 32 + tt
-                tl.store(out_rows + cols[None, :] * s_outt, scores, mask=rows[:, None] < GROUP)
+    first = tl.program_id(1) * blocks_per_split * WPB
+    last = tl.minimum(first + blocks_per_split * WPB, n_blocks * WPB)
+    # Pipeline state: word i (planes loaded) and word i+1 (metadata loaded).
+    base, w, m, sc, ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, first, first < last,
+                                   s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
+    st, mw, x0, x1, x2, x3 = word_planes(words_ptr, s_word, base, w, first, WPP)
+    n_base, n_w, n_m, n_sc, n_ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, first + 1, first + 1 < last,
+                                             s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
+    a_hi, a_lo, a_norm, bias = k_query(q_ptr, b, h, s_qb, s_qh, s_qd, sc, ze, GROUP, D, TOKEN_GROUPED)
+    for word in range(first, last):
+        n_st, n_mw, n_x0, n_x1, n_x2, n_x3 = word_planes(words_ptr, s_word, n_base, n_w, word + 1, WPP)
+        f_base, f_w, f_m, f_sc, f_ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, word + 2, word + 2 < last,
+                                                 s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
+        if not TOKEN_GROUPED:
+            if word % WPB == 0:  # a new block: fold its steps and minima into the query
+                a_hi, a_lo, a_norm, bias = k_query(q_ptr, b, h, s_qb, s_qh, s_qd, sc, ze, GROUP, D, TOKEN_GROUPED)
+        v = unpack_word(words_ptr, s_word, base, w, m, st, mw, word, x0, x1, x2, x3, WPP, D, True)
+        scores = k_word_scores(a_hi, a_lo, a_norm, bias, v, sc, ze, mw, TOKEN_GROUPED)
+        tl.store(out_rows + (word * 32 + tt)[None, :] * s_outt, scores, mask=rows[:, None] < GROUP)
+        base, w, m, sc, ze, st, mw, x0, x1, x2, x3 = n_base, n_w, n_m, n_sc, n_ze, n_st, n_mw, n_x0, n_x1, n_x2, n_x3
+        n_base, n_w, n_m, n_sc, n_ze = f_base, f_w, f_m, f_sc, f_ze
 
 
 def qk_triton(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> torch.Tensor:
@@ -74,7 +82,7 @@ def qk_triton(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> to
         k.heads, n_blocks, per_split,
         GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size,
         MIN_BITS=k.min_bits, TOKEN_GROUPED=k.grouping == "token",
-        num_warps=_common.NUM_WARPS,
+        num_warps=_common.num_warps("qk", head_dim),
     )
     return out
 
