@@ -170,8 +170,9 @@ def check_correctness(chunk_kv: dict, log: list) -> None:
             line = f"check {name} {case or 'default'} {dtype}: rel err qk {errs[0]:.1e} pv {errs[1]:.1e} attn {errs[2]:.1e} masked {errs[3]:.1e}"
             log.append(line)
             print(line, flush=True)
-            # fp32 products: far under 1e-4; the attention output is rounded to q's dtype.
-            if max(errs[:2]) > 1e-4 or max(errs[2:]) > 1e-2:
+            # The K product is exact fp16 products with fp32 sums; the V product rounds its
+            # weights to fp16 (about 2**-12 each); the attention output is rounded to q's dtype.
+            if errs[0] > 1e-5 or errs[1] > 2**-10 or max(errs[2:]) > 1e-2:
                 raise SystemExit(f"kernel disagrees with the reference: {line}")
 
 
@@ -195,7 +196,7 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
     if tokens <= 4096:  # the references materialize fp32 copies: check at the small size only
         c, q, p, _, _ = sets[0]
         assert rel_err(decode_attention(q, c), decode_attention_reference(q, c)) < 1e-2
-        assert rel_err(qk(q, c.k), qk_reference(q, c.k)) < 1e-4
+        assert rel_err(qk(q, c.k), qk_reference(q, c.k)) < 1e-5
     scale = 1 / math.sqrt(shape.head_dim)
 
     def k_base(s):
@@ -230,22 +231,38 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
     return rows
 
 
-def sweep_splits(shape: ModelShape, chunk: PackedKV, tokens: int, reps: int) -> list[dict]:
-    """Times of the three kernels at batch 1 for 4, 8 and 16 programs per multiprocessor."""
-    kv = build_cache(chunk, 1, tokens)
-    q = torch.randn(1, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
-    p = torch.softmax(torch.randn(1, shape.q_heads, tokens, device="cuda"), -1).half()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+def sweep_variants(chunks: dict, reps: int) -> list[dict]:
+    """Times of the three kernels at T = 32K for tile sizes, programs per multiprocessor and
+    register caps (the same setting for all three kernels).
+
+    Shapes: Llama batch 1 and 8, SmolLM2 batch 8, each over copies of its cache in rotation
+    (more than the L2 holds). Each setting is timed twice (the second time after all
+    others) to show the run-to-run spread.
+    """
+    config = PackKVConfig()
+    cases = []
+    for shape, batch in ((SHAPES[0], 1), (SHAPES[0], 8), (SHAPES[1], 8)):
+        k, v = chunks[shape.name]
+        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
+        kv = build_cache(chunk, batch, 32768)
+        sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+        q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+        p = torch.softmax(torch.randn(batch, shape.q_heads, 32768, device="cuda"), -1).half()
+        cases.append((shape, batch, sets, q, p))
+    settings = [(tw, pps, regs) for tw in (2, 4) for pps in (8, 16) for regs in (None, 128)]
     rows = []
-    for per_sm in (4, 8, 16):
-        splits = -(-per_sm * sms // shape.kv_heads)
-        times = [time_graph(fn, reps) * 1e6 for fn in (
-            lambda: qk(q, kv.k, splits=splits), lambda: pv(p, kv.v, splits=splits),
-            lambda: decode_attention(q, kv, splits=splits))]
-        rows.append(dict(model=shape.name, tokens=kv.n_tokens, programs_per_sm=per_sm, splits=splits,
-                         qk_us=times[0], pv_us=times[1], attention_us=times[2]))
-        print(f"splits sweep {shape.name} T {kv.n_tokens}: {per_sm} programs/SM ({splits} splits): "
-              f"K {times[0]:.1f} us, V {times[1]:.1f} us, attention {times[2]:.1f} us", flush=True)
+    for attempt in (1, 2):
+        for tw, pps, regs in settings:
+            kernel_settings.TILE_WORDS, kernel_settings.PROGRAMS_PER_SM, kernel_settings.MAX_REGISTERS = tw, pps, regs
+            for shape, batch, sets, q, p in cases:
+                times = [time_graph(fn, reps) * 1e6 / len(sets) for fn in (
+                    lambda: [qk(q, kv.k) for kv in sets], lambda: [pv(p, kv.v) for kv in sets],
+                    lambda: [decode_attention(q, kv) for kv in sets])]
+                rows.append(dict(model=shape.name, batch=batch, tile_words=tw, programs_per_sm=pps, max_registers=regs,
+                                 attempt=attempt, qk_us=times[0], pv_us=times[1], attention_us=times[2]))
+                print(f"variant tw {tw} programs/SM {pps:2d} maxnreg {regs} {shape.name} b{batch} T 32800 (try {attempt}): "
+                      f"K {times[0]:7.1f} us, V {times[1]:7.1f} us, attention {times[2]:7.1f} us", flush=True)
+    kernel_settings.TILE_WORDS = kernel_settings.PROGRAMS_PER_SM = kernel_settings.MAX_REGISTERS = None
     return rows
 
 
@@ -255,34 +272,37 @@ def main() -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="T=4K, batch 1, few repeats")
     parser.add_argument("--no-check", action="store_true", help="skip the correctness sweep")
-    parser.add_argument("--sweep", action="store_true", help="also time 4/8/16 programs per SM (batch 1, T=32K)")
-    parser.add_argument("--num-warps", type=int, help="override the kernels' warps a program (default: per kernel and head_dim)")
+    parser.add_argument("--num-warps", type=int, help="override the kernels' warps a program (default: head_dim / 32)")
+    parser.add_argument("--tile-words", type=int, help="override the 32-token words a program unpacks per step")
+    parser.add_argument("--programs-per-sm", type=int, help="override the split heuristic's programs per multiprocessor")
+    parser.add_argument("--max-registers", type=int, help="override the register cap a thread (Triton maxnreg)")
+    parser.add_argument("--variants", action="store_true", help="first time tile sizes x programs per SM x register caps at T=32K")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs an NVIDIA GPU")
     token_list = [4096] if args.quick else [4096, 32768, 131072]
     batch_list = [1] if args.quick else [1, 8]
     reps = 10 if args.quick else 30
-    if args.num_warps:
-        kernel_settings.NUM_WARPS = args.num_warps
     data = torch.load(args.data)
     device = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, {date}, "
-          f"{kernel_settings.NUM_WARPS or 'default'} warps a program", flush=True)
+    print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, {date}; kernel defaults "
+          f"(tile words, programs/SM) {kernel_settings.DEFAULTS}; overrides: warps {args.num_warps}, tile words "
+          f"{args.tile_words}, programs/SM {args.programs_per_sm}, max registers {args.max_registers}", flush=True)
     chunks = {s.name: tuple(t.cuda() for t in real_chunk(data, s)) for s in SHAPES}
     log: list[str] = []
     if not args.no_check:
         check_correctness(chunks, log)
     copy_bw = copy_bandwidth(reps)
     print(f"copy bandwidth (read + written): {copy_bw / 1e9:.0f} GB/s", flush=True)
+    variants = sweep_variants(chunks, reps) if args.variants else []
+    kernel_settings.NUM_WARPS, kernel_settings.TILE_WORDS = args.num_warps, args.tile_words
+    kernel_settings.PROGRAMS_PER_SM, kernel_settings.MAX_REGISTERS = args.programs_per_sm, args.max_registers
     config = PackKVConfig()
-    rows, sweep = [], []
+    rows = []
     for shape in SHAPES:
         k, v = chunks[shape.name]
         chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
-        if args.sweep:
-            sweep += sweep_splits(shape, chunk, 32768, reps)
         print(f"{shape.name}: chunk of {CHUNK_TOKENS} real tokens, compression {chunk.fp16_nbytes / chunk.nbytes:.2f}x"
               + (" (head_dim 128 = channels of two real SmolLM2 heads)" if shape.head_dim == 128 else ""), flush=True)
         for batch in batch_list:
@@ -303,8 +323,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, date=date, copy_GBps=copy_bw / 1e9, torch=torch.__version__,
-                           triton=triton.__version__, num_warps=kernel_settings.NUM_WARPS,
-                           checks=log, splits_sweep=sweep, rows=rows), f, indent=1)
+                           triton=triton.__version__, defaults=kernel_settings.DEFAULTS,
+                           overrides=dict(num_warps=args.num_warps, tile_words=args.tile_words,
+                                          programs_per_sm=args.programs_per_sm, max_registers=args.max_registers),
+                           checks=log, variants=variants, rows=rows), f, indent=1)
 
 
 def print_table(rows: list[dict], device: str, date: str, copy_bw: float) -> None:

@@ -23,6 +23,7 @@ import safetensors.torch
 import torch
 
 from .codec.format import PackedKV, PackedTensor
+from .codec.quantize import level_bits
 from .codec.validate import TENSOR_FIELDS, validate_packed
 from .config import PackKVConfig
 from .errors import CorruptDataError, FormatVersionError, ModelMismatchError
@@ -325,8 +326,12 @@ def load_packed(
         raise CorruptDataError(f"the tensor data's checksum does not match (sha256 {actual}, stored {digest:.64})")
     out = []
     for i, (config, dtype, attrs, _) in enumerate(layers):
+        # The width bound is not stored: it follows from the layer's config (and is then
+        # checked against the widths by validate_packed).
+        bounds = {"k": level_bits(config.k_rel), "v": level_bits(config.v_rel)}
         sides = {
-            side: PackedTensor(**{f: tensors[_tensor_name(i, side, f)] for f in TENSOR_FIELDS}, **attrs[side])
+            side: PackedTensor(**{f: tensors[_tensor_name(i, side, f)] for f in TENSOR_FIELDS}, **attrs[side],
+                               width_bound=bounds[side])
             for side in ("k", "v")
         }
         kv = PackedKV(**sides, k_tail=tensors[_tensor_name(i, "k_tail")], v_tail=tensors[_tensor_name(i, "v_tail")],

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from packkv.codec.quantize import dequantize_blocks, quantize_blocks, round_up_fp16
+from packkv.codec.quantize import dequantize_blocks, level_bits, quantize_blocks, round_up_fp16
 
 
 def assert_within_bound(x, rel, grouping):
@@ -64,3 +64,14 @@ def test_round_up_fp16():
     assert y.dtype == torch.float16
     assert (y.float() >= torch.minimum(x, torch.tensor(65504.0))).all()
     assert y[1] > 0 and y[3] == 1.0 and y[5] == 65504.0
+
+
+@pytest.mark.parametrize("rel", [1.0, 0.5, 1 / 3, 0.15, 0.05, 1 / 255, 1 / 256, 0.002, 1e-4])
+@pytest.mark.parametrize("grouping", ["token", "channel"])
+def test_level_bits_bounds_every_integer(rel, grouping):
+    # Random data, plus ranges whose step hits the fp16 maximum (a step clamped to 65504).
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 2, 32, 16, generator=g) * torch.logspace(-6, 4, 16)
+    x[0, 0, 0] = torch.where(torch.rand(32, 16, generator=g) > 0.5, 65504.0, -65504.0)
+    q, _, _ = quantize_blocks(x.half().float(), rel, grouping)
+    assert int(q.max()).bit_length() <= level_bits(rel)

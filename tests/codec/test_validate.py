@@ -82,8 +82,15 @@ def _offset_past_end(kv):
 
 
 def _widths_past_end(kv):
-    # Every width 15 makes the last pack far longer than the words that remain.
-    return replace_side(kv, "k", widths=torch.full_like(kv.k.widths, 0xFF))
+    # Every width 15 makes the last pack far longer than the words that remain (the bound
+    # raised too, so that the lengths are what fails).
+    return replace_side(kv, "k", widths=torch.full_like(kv.k.widths, 0xFF), width_bound=15)
+
+
+def _widths_over_bound(kv):
+    widths = kv.v.widths.clone()
+    widths[0, 1, 1, 3] = (widths[0, 1, 1, 3] & 0x0F) | ((kv.v.width_bound + 1) << 4)  # channel 7
+    return replace_side(kv, "v", widths=widths)
 
 
 def _truncated_words(kv):
@@ -109,6 +116,8 @@ def _with(kv, side, field, index, value):
         (_offset_past_end, r"v\.offsets\[0, 0, 1\] = \d+: the pack ends at word \d+, past the \d+ words"),
         (lambda kv: _with(kv, "v", "offsets", (0, 1, 0), 2), r"v\.offsets\[0, 1, 0\] = 2 is not a multiple of 4"),
         (_widths_past_end, r"k\.offsets\[0, \d, \d\].*past the"),
+        (_widths_over_bound, r"v\.widths: channel 7 of pack \[0, 1, 1\] is \d+ bits wide, more than width_bound \d+"),
+        (lambda kv: replace_side(kv, "k", width_bound=16), r"k\.width_bound must be an int from 0 to 15, got 16"),
         (_truncated_words, r"k\.offsets\[0, 1, 1\].*past the"),
         (lambda kv: _with(kv, "k", "scale", (0, 1, 0, 3), 0.0), r"k\.scale\[0, 1, 0, 3\] = 0\.0"),
         (lambda kv: _with(kv, "v", "scale", (0, 0, 1, 2), -1.0), r"v\.scale\[0, 0, 1, 2\] = -1\.0"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..config import PackKVConfig
+from .bitpack import MAX_WIDTH
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -31,6 +32,10 @@ class PackedTensor:
         scale, zero: fp16 ``[batch, heads, n_blocks, block_size]`` (token grouping, in
             packed token order) or ``[batch, heads, n_blocks, head_dim]`` (channel grouping).
         grouping, block_size, pack_size, min_bits: how it was encoded.
+        width_bound: an upper bound on every width code, known when the data is encoded
+            (the quantizer never exceeds ``round(1 / rel)``: :func:`codec.quantize.level_bits`);
+            the decode kernels compile their path for values wider than 8 bits only when it
+            is above 8. Validation checks the widths against it.
     """
 
     words: torch.Tensor
@@ -43,6 +48,7 @@ class PackedTensor:
     block_size: int
     pack_size: int
     min_bits: int
+    width_bound: int = MAX_WIDTH
 
     @property
     def batch(self) -> int:

@@ -13,7 +13,7 @@ import torch
 from ..config import PackKVConfig
 from .bitpack import pack_mins, pack_mins_widths, pack_nibbles, pack_planes, unpack_mins, unpack_nibbles, unpack_planes
 from .format import PackedKV, PackedTensor
-from .quantize import FP16_MAX, dequantize_blocks, quantize_blocks
+from .quantize import FP16_MAX, dequantize_blocks, level_bits, quantize_blocks
 from .repack import repack_permutation
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,11 +26,13 @@ def supported_head_dim(head_dim: int) -> bool:
     return head_dim % 16 == 0 and 16 <= head_dim <= 256
 
 
-def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
+def check_kv(k: torch.Tensor, v: torch.Tensor, *, values: bool = True) -> None:
     """Raise a clear exception unless ``k`` and ``v`` are a valid cache pair.
 
     Both must be floating tensors of one shape ``[batch, kv_heads, tokens, head_dim]`` on
-    one device, non-empty, finite and within the fp16 range.
+    one device, non-empty, finite and within the fp16 range. ``values=False`` checks all
+    but the last two (no pass over the data, no device sync): for a caller that checks the
+    values where it reads them anyway, as the fused GPU encoder does in its kernel.
     """
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -47,6 +49,8 @@ def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k and v are empty: shape {tuple(k.shape)}")
     if not supported_head_dim(k.shape[-1]):
         raise ValueError(f"head_dim {k.shape[-1]} is not supported (multiples of 16 from 16 to 256)")
+    if not values:
+        return
     # One reduction (and one device sync) for both: NaN fails `<=` too.
     out_of_range = [~(t.abs() <= FP16_MAX) for t in (k, v)]
     if bool(torch.stack([m.any() for m in out_of_range]).any()):
@@ -59,7 +63,8 @@ def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _pack_side(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grouping: str, config: PackKVConfig, packer: Packer
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grouping: str, rel: float, config: PackKVConfig,
+    packer: Packer,
 ) -> PackedTensor:
     """Bit-pack quantized blocks ``q: [batch, heads, n_blocks, block_size, head_dim]``."""
     b, h, nb, s, d = q.shape
@@ -76,7 +81,7 @@ def _pack_side(
         widths=pack_nibbles(widths).view(b, h, n_packs, d // 2),
         mins=pack_mins(mins, config.min_bits).view(b, h, n_packs, d * config.min_bits // 8),
         scale=scale, zero=zero, grouping=grouping,
-        block_size=s, pack_size=p, min_bits=config.min_bits,
+        block_size=s, pack_size=p, min_bits=config.min_bits, width_bound=level_bits(rel),
     )
 
 
@@ -136,8 +141,8 @@ def compress_kv(
     if config.v_grouping == "token":
         v_scale, v_zero = torch.gather(v_scale, 3, perm), torch.gather(v_zero, 3, perm)
     packed = PackedKV(
-        k=_pack_side(qk, k_scale, k_zero, config.k_grouping, config, packer),
-        v=_pack_side(qv, v_scale, v_zero, config.v_grouping, config, packer),
+        k=_pack_side(qk, k_scale, k_zero, config.k_grouping, config.k_rel, config, packer),
+        v=_pack_side(qv, v_scale, v_zero, config.v_grouping, config.v_rel, config, packer),
         # copy=True: an fp16 input's tail slice would otherwise be the caller's memory.
         k_tail=k[:, :, full:].to(torch.float16, copy=True).contiguous(),
         v_tail=v[:, :, full:].to(torch.float16, copy=True).contiguous(),

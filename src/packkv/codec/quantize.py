@@ -49,6 +49,16 @@ def quantize_blocks(
     return q.to(torch.int32), step, zero
 
 
+def level_bits(rel: float) -> int:
+    """Bits of the largest integer :func:`quantize_blocks` can produce at ``rel``.
+
+    ``q <= round((max - min) / step)`` with ``step >= rel * (max - min)``, so ``q <= round(1 / rel)``
+    (the small margin absorbs fp32 rounding of the division); a step clamped at the fp16
+    maximum (ranges beyond 65504 / rel, at most 131008) gives at most 2.
+    """
+    return max(int(1.0 / rel + 0.5 + 1e-3), 2).bit_length()
+
+
 def dequantize_blocks(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grouping: str
 ) -> torch.Tensor:

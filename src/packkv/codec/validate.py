@@ -12,7 +12,7 @@ import torch
 
 from ..config import GROUPINGS, MIN_BITS, PACK_SIZES, PackKVConfig
 from ..errors import CorruptDataError
-from .bitpack import PACK_ALIGN_WORDS, WORD_BITS, unpack_nibbles
+from .bitpack import MAX_WIDTH, PACK_ALIGN_WORDS, WORD_BITS, unpack_nibbles
 from .format import PackedKV, PackedTensor
 from .kv import FLOAT_DTYPES, supported_head_dim
 
@@ -79,6 +79,8 @@ def _validate_tensor(p: PackedTensor, prefix: str) -> None:
         raise CorruptDataError(
             f"{prefix}block_size must be a multiple of pack_size={p.pack_size} up to {MAX_BLOCK_SIZE}, got {s!r}"
         )
+    if not _is_int(p.width_bound) or not 0 <= p.width_bound <= MAX_WIDTH:
+        raise CorruptDataError(f"{prefix}width_bound must be an int from 0 to {MAX_WIDTH}, got {p.width_bound!r}")
     device = p.words.device if isinstance(p.words, torch.Tensor) else None
     for field, (dtype, ndim) in TENSOR_FIELDS.items():
         _check_tensor(getattr(p, field), prefix + field, dtype, ndim, device)
@@ -98,8 +100,18 @@ def _validate_tensor(p: PackedTensor, prefix: str) -> None:
         _check_shape(getattr(p, field), prefix + field, (b, h, n_packs * p.pack_size // s, group))
 
     # Widths are 4-bit codes (<= 15) and minima are nibbles or bytes, both < 2**min_bits,
-    # by their dtype and packing: no value of theirs is out of range. Offsets and the
-    # lengths the widths imply are what can point outside the pool.
+    # by their dtype and packing. Widths above width_bound would make the kernels skip
+    # planes (wrong values, not unsafe reads); offsets and the lengths the widths imply are
+    # what can point outside the pool.
+    if p.width_bound < MAX_WIDTH:
+        widths = unpack_nibbles(p.widths)
+        too_wide = widths > p.width_bound
+        if too_wide.any():
+            bad = _first(too_wide)
+            raise CorruptDataError(
+                f"{prefix}widths: channel {bad[-1]} of pack {bad[:-1]} is {int(widths[tuple(bad)])} bits wide, "
+                f"more than width_bound {p.width_bound}"
+            )
     offsets = p.offsets.long()
     if (offsets < 0).any():
         bad = _first(offsets < 0)

@@ -13,9 +13,22 @@ QUERY_DTYPES = (torch.float16, torch.bfloat16)
 # A program handles the query heads of one KV head padded to a tile of this many rows
 # (tl.dot needs at least 16), so a GQA group may hold up to 16 query heads.
 GROUP_TILE = 16
-# Warps a program of the decode kernels: None picks num_warps()'s measured defaults; an int
-# (benchmarks, tuning) overrides them for all three. Read at each launch.
-NUM_WARPS: int | None = None
+# Overrides for benchmarks and tuning, read at each launch; None keeps the per-kernel
+# defaults of launch_settings.
+NUM_WARPS: int | None = None  # warps a program
+TILE_WORDS: int | None = None  # 32-token words a program unpacks per step
+PROGRAMS_PER_SM: int | None = None  # programs the split heuristic aims for, per multiprocessor
+MAX_REGISTERS: int | None = None  # register cap a thread (Triton's maxnreg)
+
+# Measured on an H100 (docs/notes/kernels.md, v5, T = 32K, Llama-3.1-8B and SmolLM2 shapes):
+# (tile words, programs per multiprocessor, register cap or None) by kernel and head_dim.
+# A cap of 128 lets 4 programs of the products share a multiprocessor without spills;
+# attention keeps its registers (a cap spills it and costs up to 1.6x).
+DEFAULTS = {
+    ("qk", 64): (2, 16, 128), ("qk", 128): (2, 16, 128),
+    ("pv", 64): (2, 8, 128), ("pv", 128): (2, 8, 128),
+    ("attention", 64): (2, 8, None), ("attention", 128): (4, 8, None),
+}
 
 
 def use_triton(device: torch.device) -> bool:
@@ -23,17 +36,28 @@ def use_triton(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def num_warps(kernel: str, head_dim: int) -> int:
-    """Warps a program for ``kernel`` ("qk", "pv" or "attention") at ``head_dim``.
+def use_asm(device: torch.device) -> bool:
+    """Whether the kernels may use inline PTX: compiled for a GPU, not interpreted."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
-    Measured on an H100 (docs/notes/kernels.md, v4, T=32K): the K product is fastest at 2.
-    At head_dim 128 the V product and fused attention take 4: at 2 their [16|32, 128] tiles
-    spill registers (attention 1.8x slower at batch 8; V 1.24x slower at batch 8, 1.09x
-    faster at batch 1). At head_dim 64 they take 2 (attention 1.8x slower at 4).
+
+def launch_settings(kernel: str, head_dim: int, block_size: int, channel_grouped: bool) -> dict:
+    """Tile words, programs per multiprocessor, and Triton launch options of a decode kernel.
+
+    ``kernel``: "qk", "pv" or "attention"; ``head_dim`` 64 or 128. One thread a channel of
+    each unpacked word, so head_dim / 32 warps. A larger tile spreads the per-step costs
+    (metadata, prefix sums, barriers) over more values but takes registers; channel
+    grouping keeps a tile inside one block (its scales are per block).
     """
-    if NUM_WARPS is not None:
-        return NUM_WARPS
-    return 4 if kernel != "qk" and head_dim == 128 else 2
+    tw, pps, cap = DEFAULTS[kernel, head_dim]
+    tw = TILE_WORDS or tw
+    if channel_grouped:
+        tw = min(tw, block_size // 32)
+    options = {"num_warps": NUM_WARPS or head_dim // 32}
+    cap = MAX_REGISTERS or cap
+    if cap:
+        options["maxnreg"] = cap
+    return {"tile_words": tw, "programs_per_sm": PROGRAMS_PER_SM or pps, "options": options}
 
 
 def check_packed(packed: PackedTensor, name: str) -> None:
@@ -107,17 +131,17 @@ def check_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None) ->
     return group
 
 
-def n_splits(work_items: int, n_packs: int, device: torch.device, requested: int | None) -> int:
-    """Chunks the packed sequence is cut into per (batch, KV head).
+def n_splits(work_items: int, n_tiles: int, device: torch.device, requested: int | None, programs_per_sm: int) -> int:
+    """Chunks the packed sequence is cut into per (batch, KV head), each whole tiles.
 
-    Enough programs to fill the GPU about four times over; each chunk keeps at least one
-    pack. ``requested`` (tests, tuning) overrides the heuristic.
+    Enough programs for ``programs_per_sm`` on every multiprocessor; each chunk keeps at
+    least one tile. ``requested`` (tests, tuning) overrides the heuristic.
     """
     if requested is not None:
         if requested < 1:
             raise ValueError(f"n_splits must be >= 1, got {requested}")
-        return max(1, min(requested, n_packs))
-    if n_packs == 0:
+        return max(1, min(requested, n_tiles))
+    if n_tiles == 0:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_packs, -(-4 * sms // max(work_items, 1))))
+    return max(1, min(n_tiles, -(-programs_per_sm * sms // max(work_items, 1))))

@@ -16,11 +16,10 @@ import triton.language as tl
 
 from ..codec.format import PackedKV
 from . import _common
-from ._common import check_attention, n_splits, use_triton
-from .planes import (
-    k_query, k_word_scores, load_query_tile, packed_args, split_rows, tile_tokens, unpack_word, v_word_product, word_meta,
-    word_planes,
-)
+from ._common import check_attention, n_splits, use_asm, use_triton
+from .planes import fetch_meta, load_query_tile, packed_args, pow2_rows, stage_tile, tile_tokens
+from .pv import v_tile_sum
+from .qk import k_query, k_tile_scores
 from .reference import decode_attention_reference
 
 LOG2E = 1.4426950408889634
@@ -29,7 +28,7 @@ COMBINE_CHUNK = 64  # splits the combining kernel reads at a time
 
 @triton.jit
 def _online_softmax(s, m_i, l_i):
-    """One step of the running softmax (base 2) over a tile of scores ``s [16, 32]``.
+    """One step of the running softmax (base 2) over a tile of scores ``s [16, columns]``.
 
     Returns the tile's weights, the new max and sum, and the factor for the old output.
     A row that has seen only masked tokens keeps max -inf and weights 0.
@@ -52,7 +51,7 @@ def _masked(s, mask_bh, cols, valid, s_mt, HAS_MASK: tl.constexpr):
 
 # Batch/head strides and counts change as a cache grows; specializing on them (== 1,
 # divisible by 16) would recompile the kernel for seconds in the middle of a generation.
-@triton.jit(do_not_specialize=['ks_ob', 'ks_oh', 'ks_wb', 'ks_wh', 'ks_mb', 'ks_mh', 'ks_sb', 'ks_sh', 'ks_zb', 'ks_zh', 'vs_ob', 'vs_oh', 'vs_wb', 'vs_wh', 'vs_mb', 'vs_mh', 'vs_sb', 'vs_sh', 'vs_zb', 'vs_zh', 's_ktb', 's_kth', 's_vtb', 's_vth', 's_mkb', 's_mkh', 'heads', 'n_blocks', 'blocks_per_split', 'n_pack_splits', 'n_split', 'tail_len'])
+@triton.jit(do_not_specialize=['ks_ob', 'ks_oh', 'ks_wb', 'ks_wh', 'ks_mb', 'ks_mh', 'ks_sb', 'ks_sh', 'ks_zb', 'ks_zh', 'vs_ob', 'vs_oh', 'vs_wb', 'vs_wh', 'vs_mb', 'vs_mh', 'vs_sb', 'vs_sh', 'vs_zb', 'vs_zh', 's_ktb', 's_kth', 's_vtb', 's_vth', 's_mkb', 's_mkh', 'heads', 'n_words', 'tiles_per_split', 'n_pack_splits', 'n_split', 'tail_len'])
 def _decode_kernel(
     q_ptr, m_part, l_part, acc_part,
     kw_ptr, ko_ptr, kwd_ptr, kmn_ptr, ks_ptr, kz_ptr,
@@ -64,30 +63,30 @@ def _decode_kernel(
     kt_ptr, s_ktb, s_kth, s_ktt, s_ktd, vt_ptr, s_vtb, s_vth, s_vtt, s_vtd,
     mask_ptr, s_mkb, s_mkh, s_mkt,
     s_qb, s_qh, s_qd,
-    heads, n_blocks, blocks_per_split, n_pack_splits, n_split, tail_len, qk_scale,
+    heads, n_words, tiles_per_split, n_pack_splits, n_split, tail_len, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, MIN_BITS: tl.constexpr,
     K_TOKEN_GROUPED: tl.constexpr, V_TOKEN_GROUPED: tl.constexpr, HAS_MASK: tl.constexpr,
+    TW: tl.constexpr, K_WIDE: tl.constexpr, V_WIDE: tl.constexpr, ASM: tl.constexpr,
 ):
     """Grid (batch * kv_heads, n_split); split ``n_pack_splits`` (if any) takes the tail.
 
     Writes per query head and split the running max and sum (base-2 scores) and the
-    unnormalized output, fp32.
+    unnormalized output, fp32. Each tile of ``TW`` words: K scores (qk.k_tile_scores), the
+    online softmax, then the weighted V rows (pv.v_tile_sum) in the same column order.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
-    WPP: tl.constexpr = PACK // 32
-    WPB: tl.constexpr = BLOCK // 32
     rows = tl.arange(0, 16)
-    tok = tl.arange(0, 32)
-    tt = tile_tokens()
     chan = tl.arange(0, D)
     mask_bh = mask_ptr + b * s_mkb + h * s_mkh
+    q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
     m_i = tl.full([16], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([16], dtype=tl.float32)
     acc = tl.zeros([16, D], dtype=tl.float32)
     if split < n_pack_splits:
+        WPP: tl.constexpr = PACK // 32
         ko_bh = ko_ptr + b * ks_ob + h * ks_oh
         kwd_bh = kwd_ptr + b * ks_wb + h * ks_wh
         kmn_bh = kmn_ptr + b * ks_mb + h * ks_mh
@@ -98,63 +97,65 @@ def _decode_kernel(
         vmn_bh = vmn_ptr + b * vs_mb + h * vs_mh
         vs_bh = vs_ptr + b * vs_sb + h * vs_sh
         vz_bh = vz_ptr + b * vs_zb + h * vs_zh
-        first = split * blocks_per_split * WPB
-        last = tl.minimum(first + blocks_per_split * WPB, n_blocks * WPB)
-        # Pipelines of planes.py for K and V: word i (planes loaded), word i+1 (metadata loaded).
-        kb, kw, km, ksc, kze = word_meta(ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh, first, first < last,
-                                         ks_op, ks_wp, ks_wc, ks_mp, ks_mc, ks_sn, ks_sx, ks_zn, ks_zx,
-                                         WPP, BLOCK, D, MIN_BITS, K_TOKEN_GROUPED)
-        kst, kmw, kx0, kx1, kx2, kx3 = word_planes(kw_ptr, ks_word, kb, kw, first, WPP)
-        vb, vw, vm, vsc, vze = word_meta(vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh, first, first < last,
-                                         vs_op, vs_wp, vs_wc, vs_mp, vs_mc, vs_sn, vs_sx, vs_zn, vs_zx,
-                                         WPP, BLOCK, D, MIN_BITS, V_TOKEN_GROUPED)
-        vst, vmw, vx0, vx1, vx2, vx3 = word_planes(vw_ptr, vs_word, vb, vw, first, WPP)
-        nkb, nkw, nkm, nksc, nkze = word_meta(ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh, first + 1, first + 1 < last,
-                                              ks_op, ks_wp, ks_wc, ks_mp, ks_mc, ks_sn, ks_sx, ks_zn, ks_zx,
-                                              WPP, BLOCK, D, MIN_BITS, K_TOKEN_GROUPED)
-        nvb, nvw, nvm, nvsc, nvze = word_meta(vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh, first + 1, first + 1 < last,
-                                              vs_op, vs_wp, vs_wc, vs_mp, vs_mc, vs_sn, vs_sx, vs_zn, vs_zx,
-                                              WPP, BLOCK, D, MIN_BITS, V_TOKEN_GROUPED)
-        a_hi, a_lo, a_norm, bias = k_query(q_ptr, b, h, s_qb, s_qh, s_qd, ksc, kze, GROUP, D, K_TOKEN_GROUPED)
-        for word in range(first, last):
-            nkst, nkmw, nkx0, nkx1, nkx2, nkx3 = word_planes(kw_ptr, ks_word, nkb, nkw, word + 1, WPP)
-            nvst, nvmw, nvx0, nvx1, nvx2, nvx3 = word_planes(vw_ptr, vs_word, nvb, nvw, word + 1, WPP)
-            fkb, fkw, fkm, fksc, fkze = word_meta(ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh, word + 2, word + 2 < last,
-                                                  ks_op, ks_wp, ks_wc, ks_mp, ks_mc, ks_sn, ks_sx, ks_zn, ks_zx,
-                                                  WPP, BLOCK, D, MIN_BITS, K_TOKEN_GROUPED)
-            fvb, fvw, fvm, fvsc, fvze = word_meta(vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh, word + 2, word + 2 < last,
-                                                  vs_op, vs_wp, vs_wc, vs_mp, vs_mc, vs_sn, vs_sx, vs_zn, vs_zx,
-                                                  WPP, BLOCK, D, MIN_BITS, V_TOKEN_GROUPED)
-            if not K_TOKEN_GROUPED:
-                if word % WPB == 0:  # a new block: fold its steps and minima into the query
-                    a_hi, a_lo, a_norm, bias = k_query(q_ptr, b, h, s_qb, s_qh, s_qd, ksc, kze, GROUP, D, K_TOKEN_GROUPED)
-            kv_int = unpack_word(kw_ptr, ks_word, kb, kw, km, kst, kmw, word, kx0, kx1, kx2, kx3, WPP, D, True)
-            s = k_word_scores(a_hi, a_lo, a_norm, bias, kv_int, ksc, kze, kmw, K_TOKEN_GROUPED)
-            s = _masked(s * qk_scale, mask_bh, word * 32 + tt, tt < 32, s_mkt, HAS_MASK)
+        a, pw, qsum = k_query(q)
+        z_acc = tl.zeros([16], dtype=tl.float32)
+        first = split * tiles_per_split
+        last = tl.minimum(first + tiles_per_split, tl.cdiv(n_words, TW))
+        word_end = tl.minimum(last * TW, n_words)
+        # The pipelines of qk.py and pv.py side by side: tile i computes while the planes and
+        # scales of tile i+1 and the metadata of tile i+2 load, for K and for V.
+        kf, kwb, kmb = fetch_meta(ko_bh, kwd_bh, kmn_bh, first, word_end, ks_op, ks_wp, ks_wc, ks_mp, ks_mc, TW, WPP, D, MIN_BITS)
+        vf, vwb, vmb = fetch_meta(vo_bh, vwd_bh, vmn_bh, first, word_end, vs_op, vs_wp, vs_wc, vs_mp, vs_mc, TW, WPP, D, MIN_BITS)
+        kp, kw, km, kmw, k0, k1, k2, k3, k4, k5, k6, k7, ksc, kze = stage_tile(
+            kw_ptr, ks_bh, kz_bh, kf, kwb, kmb, first, word_end, ks_word, ks_sn, ks_sx, ks_zn, ks_zx,
+            TW, WPP, BLOCK, MIN_BITS, K_TOKEN_GROUPED)
+        vp, vw, vm, vmw, v0, v1, v2, v3, v4, v5, v6, v7, vsc, vze = stage_tile(
+            vw_ptr, vs_bh, vz_bh, vf, vwb, vmb, first, word_end, vs_word, vs_sn, vs_sx, vs_zn, vs_zx,
+            TW, WPP, BLOCK, MIN_BITS, V_TOKEN_GROUPED)
+        kf, kwb, kmb = fetch_meta(ko_bh, kwd_bh, kmn_bh, first + 1, word_end, ks_op, ks_wp, ks_wc, ks_mp, ks_mc, TW, WPP, D, MIN_BITS)
+        vf, vwb, vmb = fetch_meta(vo_bh, vwd_bh, vmn_bh, first + 1, word_end, vs_op, vs_wp, vs_wc, vs_mp, vs_mc, TW, WPP, D, MIN_BITS)
+        for tile in range(first, last):
+            nkp, nkw, nkm, nkmw, nk0, nk1, nk2, nk3, nk4, nk5, nk6, nk7, nksc, nkze = stage_tile(
+                kw_ptr, ks_bh, kz_bh, kf, kwb, kmb, tile + 1, word_end, ks_word, ks_sn, ks_sx, ks_zn, ks_zx,
+                TW, WPP, BLOCK, MIN_BITS, K_TOKEN_GROUPED)
+            nvp, nvw, nvm, nvmw, nv0, nv1, nv2, nv3, nv4, nv5, nv6, nv7, nvsc, nvze = stage_tile(
+                vw_ptr, vs_bh, vz_bh, vf, vwb, vmb, tile + 1, word_end, vs_word, vs_sn, vs_sx, vs_zn, vs_zx,
+                TW, WPP, BLOCK, MIN_BITS, V_TOKEN_GROUPED)
+            kf, kwb, kmb = fetch_meta(ko_bh, kwd_bh, kmn_bh, tile + 2, word_end, ks_op, ks_wp, ks_wc, ks_mp, ks_mc,
+                                      TW, WPP, D, MIN_BITS)
+            vf, vwb, vmb = fetch_meta(vo_bh, vwd_bh, vmn_bh, tile + 2, word_end, vs_op, vs_wp, vs_wc, vs_mp, vs_mc,
+                                      TW, WPP, D, MIN_BITS)
+            s, on = k_tile_scores(q, a, pw, qsum, kp, kw, km, kmw, k0, k1, k2, k3, k4, k5, k6, k7, ksc, kze,
+                                  tile, word_end, ks_word, WPP, K_TOKEN_GROUPED, K_WIDE, ASM)
+            s = _masked(s * qk_scale, mask_bh, tile * TW * 32 + tile_tokens(TW * 32), on, s_mkt, HAS_MASK)
             p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i)
-            vv_int = unpack_word(vw_ptr, vs_word, vb, vw, vm, vst, vmw, word, vx0, vx1, vx2, vx3, WPP, D, False)
-            acc = acc * alpha[:, None] + v_word_product(p, vv_int, vsc, vze, vmw, V_TOKEN_GROUPED)
-            kb, kw, km, ksc, kze, kst, kmw = nkb, nkw, nkm, nksc, nkze, nkst, nkmw
-            kx0, kx1, kx2, kx3 = nkx0, nkx1, nkx2, nkx3
-            vb, vw, vm, vsc, vze, vst, vmw = nvb, nvw, nvm, nvsc, nvze, nvst, nvmw
-            vx0, vx1, vx2, vx3 = nvx0, nvx1, nvx2, nvx3
-            nkb, nkw, nkm, nksc, nkze = fkb, fkw, fkm, fksc, fkze
-            nvb, nvw, nvm, nvsc, nvze = fvb, fvw, fvm, fvsc, fvze
+            out, z = v_tile_sum(p, vp, vw, vm, vmw, v0, v1, v2, v3, v4, v5, v6, v7, vsc, vze, vs_word,
+                                WPP, V_TOKEN_GROUPED, False, V_WIDE, ASM)
+            acc = acc * alpha[:, None] + out
+            z_acc = z_acc * alpha + z
+            kp, kw, km, kmw, ksc, kze = nkp, nkw, nkm, nkmw, nksc, nkze
+            k0, k1, k2, k3, k4, k5, k6, k7 = nk0, nk1, nk2, nk3, nk4, nk5, nk6, nk7
+            vp, vw, vm, vmw, vsc, vze = nvp, nvw, nvm, nvmw, nvsc, nvze
+            v0, v1, v2, v3, v4, v5, v6, v7 = nv0, nv1, nv2, nv3, nv4, nv5, nv6, nv7
+        acc += z_acc[:, None]
     else:
-        q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
-        q_hi, q_lo, q_norm = split_rows(q)
+        # The fp16/bf16 tail, in its own dtype; q as two halves of that dtype (exact enough
+        # for either), the weights rounded to it.
+        tok = tl.arange(0, 32)
+        q_pw = pow2_rows(q)
+        qn = q / q_pw[:, None]
+        q_hi = qn.to(kt_ptr.dtype.element_ty)
+        q_lo = (qn - q_hi.to(tl.float32)).to(kt_ptr.dtype.element_ty)
         kt_bh = kt_ptr + b * s_ktb + h * s_kth
         vt_bh = vt_ptr + b * s_vtb + h * s_vth
-        n_packed = n_blocks * BLOCK
         for start in range(0, tail_len, 32):
             valid = start + tok < tail_len
             k_t = tl.trans(tl.load(kt_bh + (start + tok)[:, None] * s_ktt + chan[None, :] * s_ktd, mask=valid[:, None], other=0.0))
-            s = (tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t)) * (q_norm * qk_scale)[:, None]
-            s = _masked(s, mask_bh, n_packed + start + tok, valid, s_mkt, HAS_MASK)
+            s = (tl.dot(q_hi, k_t) + tl.dot(q_lo, k_t)) * (q_pw * qk_scale)[:, None]
+            s = _masked(s, mask_bh, n_words * 32 + start + tok, valid, s_mkt, HAS_MASK)
             p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i)
             v_tile = tl.load(vt_bh + (start + tok)[:, None] * s_vtt + chan[None, :] * s_vtd, mask=valid[:, None], other=0.0)
-            p_hi, p_lo, p_norm = split_rows(p)
-            acc = acc * alpha[:, None] + (tl.dot(p_hi, v_tile) + tl.dot(p_lo, v_tile)) * p_norm[:, None]
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt_ptr.dtype.element_ty), v_tile)
     part = (b * heads * GROUP + h * GROUP + rows) * n_split + split
     keep = rows < GROUP
     tl.store(m_part + part, m_i, mask=keep)
@@ -199,10 +200,13 @@ def decode_attention_triton(
     k, v = kv.k, kv.v
     group = q_heads // k.heads
     tail_len = kv.k_tail.shape[2]
-    n_blocks = k.n_tokens // k.block_size
-    n_pack_splits = 0 if n_blocks == 0 else n_splits(batch * k.heads, n_blocks, q.device, splits)
-    per_split = max(1, -(-n_blocks // max(n_pack_splits, 1)))
-    n_pack_splits = -(-n_blocks // per_split)
+    n_words = k.n_tokens // 32
+    settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
+    tw = settings["tile_words"]
+    n_tiles = -(-n_words // tw)
+    n_pack_splits = 0 if n_tiles == 0 else n_splits(batch * k.heads, n_tiles, q.device, splits, settings["programs_per_sm"])
+    per_split = max(1, -(-n_tiles // max(n_pack_splits, 1)))
+    n_pack_splits = -(-n_tiles // per_split)
     n_split = n_pack_splits + (tail_len > 0)
     m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
@@ -216,10 +220,10 @@ def decode_attention_triton(
         q, m_part, l_part, acc_part, *packed_args(k), *packed_args(v),
         kv.k_tail, *kv.k_tail.stride(), kv.v_tail, *kv.v_tail.stride(),
         mask_arg, *mask_strides, *q.stride(),
-        k.heads, n_blocks, per_split, n_pack_splits, n_split, tail_len, sm_scale * LOG2E,
+        k.heads, n_words, per_split, n_pack_splits, n_split, tail_len, sm_scale * LOG2E,
         GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
         K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
-        num_warps=_common.num_warps("attention", head_dim),
+        TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), **settings["options"],
     )
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
     _combine_kernel[(batch * q_heads,)](
@@ -244,7 +248,7 @@ def decode_attention(
         sm_scale: score multiplier, ``1 / sqrt(head_dim)`` when None.
         mask: optional bool ``[batch, 1 or kv_heads, kv.n_tokens]``, True where a token is
             attended, in packed token order (the tail after the blocks).
-        splits: chunks of the packed sequence (whole blocks) per (batch, KV head); None
+        splits: chunks of the packed sequence (whole tiles of packs) per (batch, KV head); None
             picks enough to fill the GPU.
 
     Returns:

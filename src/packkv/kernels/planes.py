@@ -1,20 +1,29 @@
-"""Triton building blocks shared by the kernels: read a pack, unpack its bit planes in
-registers, and the products of one 32-token word of packed K or V with the query group.
+"""Triton building blocks shared by the decode kernels: read a tile of packs and unpack its
+bit planes in registers into an fp16 operand for the tensor cores.
 
-A program works on one (batch, KV head) and a tile of 16 query rows (the GQA group,
-zero-padded) so that ``tl.dot`` runs on tensor cores. The 32 tokens of a plane word are
-unpacked into a ``[32, D]`` tile whose row r holds token
-``tile_tokens()[r] = r // 2 + 16 * (r % 2)`` (the order of two-tokens-a-lane unpacking). The pack minimum is added to
-the integers, so ``v = m + u`` multiplies the folded query or weights directly.
-``v < 2**11`` is exact in fp16; the fp32 operand on the other side is split as
-``norm * (hi + lo)`` with fp16 ``hi``, ``lo``: two fp16 products with fp32 accumulation
-are fp32-accurate (about 2**-22 relative). Wider packs (rel < ~1/1024) add a product of
-the high bits.
+A program works on one (batch, KV head) and the query heads of its GQA group, zero-padded
+to 16 rows (``tl.dot`` needs 16). It walks its packed tokens in tiles of ``TW`` 32-token
+words (a word is the 32 tokens that share one int32 of each bit plane).
 
-The kernels walk their 32-token words in a two-stage software pipeline: while word i is
-unpacked and multiplied, the first four planes of word i+1 (word_planes) and the metadata
-of word i+2 (word_meta) are in flight, so a word does not wait on a chain of dependent
-loads (offset and widths, then one gather a plane).
+**Unpacking, four tokens a lane.** Bit ``j`` of a plane word holds token ``j``. With
+``(plane >> j) & 0x01010101`` one shift and one mask move the bits of tokens ``j``,
+``j + 8``, ``j + 16`` and ``j + 24`` into the four byte lanes of an int32; OR-ing the
+planes in at bit ``b`` of each byte builds four 8-bit values at once (two instructions a
+plane for four values, LOP3 fusing the mask and the OR). Eight such accumulators hold the
+word's 32 values of a channel. ``prmt`` then puts two bytes under the exponent of 1024
+(``0x64XX`` is the fp16 number ``1024 + XX``), and one packed fp16 subtraction of
+``1024 - m`` yields ``m + u`` exactly (every integer below 2048 is an fp16 number): two
+instructions for four values. Values wider than 8 bits are unpacked as a second tile of
+planes 8..15, multiplied by 256.
+
+**Token order inside a tile.** The conversion leaves, in each thread's registers, the
+values in the order (word, j, k) for token ``8k + j``; keeping that order avoids every
+register shuffle. So tile column ``c`` holds token :func:`tile_tokens` ``(c)`` of the tile,
+and the kernels read token scales, masks and weights, and write scores, through the same
+map. K and V are unpacked alike, so the scores of a tile line up with its V rows.
+
+On the CPU (Triton's interpreter, which cannot run inline PTX) the same values are built
+with plain integer operations; ``ASM`` selects the path at compile time.
 """
 
 from __future__ import annotations
@@ -40,190 +49,239 @@ def packed_args(packed: PackedTensor) -> list:
 
 
 @triton.jit
-def tile_tokens():
-    """Token (0..31, within its plane word) of each row of an unpacked ``[32, D]`` tile."""
-    r = tl.arange(0, 32)
-    return r // 2 + 16 * (r % 2)
+def tile_tokens(NT: tl.constexpr):
+    """Token (within the tile) held by each of the ``NT`` columns of an unpacked tile."""
+    c = tl.arange(0, NT)
+    return (c // 32) * 32 + 8 * (c % 4) + (c % 32) // 4
 
 
 @triton.jit
-def word_meta(
-    offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, word, valid,
-    s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx,
-    WPP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, MIN_BITS: tl.constexpr,
-    TOKEN_GROUPED: tl.constexpr,
-):
-    """The metadata loads of one 32-token word (word ``i`` covers packed tokens ``32i..32i+31``).
+def fetch_meta(offsets_bh, widths_bh, mins_bh, tile, word_end, s_op, s_wp, s_wc, s_mp, s_mc,
+               TW: tl.constexpr, WPP: tl.constexpr, D: tl.constexpr, MIN_BITS: tl.constexpr):
+    """Issue the metadata loads of the packs of ``tile`` (words ``tile * TW ..``, none from ``word_end``).
 
-    Returns its pack's first word (int64), the pack's widths and minima (int32 ``[D]``), and
-    the word's steps and minima, fp32: ``[32]`` in tile_tokens() order (token grouping) or
-    the block's ``[D]`` (channel grouping). Widths are 4-bit codes, channel 2i in the low
-    nibble of byte i; minima likewise for min_bits 4, bytes for 8, absent (0) for 0.
-    Nothing is read (zeros) unless ``valid``: the kernels issue it for words past their range.
+    Returns the raw loads (each pack's first word ``[TW]``, width and minimum bytes per
+    channel ``[TW, D]``); nothing here uses them, so they stay in flight until
+    :func:`decode_meta`, a loop step later. Widths are 4-bit codes, channel 2i in the low
+    nibble of byte i; minima likewise for min_bits 4, bytes for 8, absent for 0.
     """
+    words = tile * TW + tl.arange(0, TW)
+    valid = words < word_end
     chan = tl.arange(0, D)
-    pack = word // WPP
-    block = word // (BLOCK // 32)
-    keep = chan < tl.where(valid, D, 0)  # a [D] mask, false unless valid
-    base = tl.load(offsets_bh + pack * s_op, mask=valid, other=0).to(tl.int64)
-    nibble_shift = (chan % 2) * 4
-    w = (tl.load(widths_bh + pack * s_wp + (chan // 2) * s_wc, mask=keep, other=0).to(tl.int32) >> nibble_shift) & 15
+    pack = words // WPP
+    keep = valid[:, None] & (chan[None, :] < D)
+    first = tl.load(offsets_bh + pack * s_op, mask=valid, other=0)
+    wb = tl.load(widths_bh + pack[:, None] * s_wp + (chan // 2)[None, :] * s_wc, mask=keep, other=0)
     if MIN_BITS == 4:
-        m = (tl.load(mins_bh + pack * s_mp + (chan // 2) * s_mc, mask=keep, other=0).to(tl.int32) >> nibble_shift) & 15
+        mb = tl.load(mins_bh + pack[:, None] * s_mp + (chan // 2)[None, :] * s_mc, mask=keep, other=0)
     elif MIN_BITS == 8:
-        m = tl.load(mins_bh + pack * s_mp + chan * s_mc, mask=keep, other=0).to(tl.int32)
+        mb = tl.load(mins_bh + pack[:, None] * s_mp + chan[None, :] * s_mc, mask=keep, other=0)
     else:
-        m = tl.zeros([D], dtype=tl.int32)
+        mb = tl.zeros([TW, D], dtype=tl.uint8)
+    return first, wb, mb
+
+
+@triton.jit
+def decode_meta(words_ptr, s_word, first, wb, mb, tile, TW: tl.constexpr, WPP: tl.constexpr, MIN_BITS: tl.constexpr):
+    """The tile's metadata from :func:`fetch_meta`'s loads.
+
+    Returns pointers to plane 0 of every channel of every word ``[TW, D]`` (plane b is
+    ``b * WPP * s_word`` further: a channel's planes follow the exclusive prefix sum of the
+    widths), the widths and minima (int32 ``[TW, D]``) and the widest channel.
+    """
+    words = tile * TW + tl.arange(0, TW)
+    shift = (tl.arange(0, wb.shape[1]) % 2) * 4
+    w = (wb.to(tl.int32) >> shift[None, :]) & 15
+    if MIN_BITS == 4:
+        m = (mb.to(tl.int32) >> shift[None, :]) & 15
+    else:
+        m = mb.to(tl.int32)
+    starts = tl.cumsum(w, 1) - w
+    ptrs = words_ptr + ((first.to(tl.int64) + words % WPP)[:, None] + starts * WPP) * s_word
+    return ptrs, w, m, tl.max(tl.max(w, axis=1), axis=0)
+
+
+@triton.jit
+def fetch_scales(scale_bh, zero_bh, tile, word_end, s_sn, s_sx, s_zn, s_zx,
+                 TW: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, TOKEN_GROUPED: tl.constexpr):
+    """Issue the loads of the tile's steps and minima, fp16: ``[TW * 32]`` in
+    :func:`tile_tokens` order (token grouping, 0 past ``word_end``) or the block's ``[D]``
+    (channel grouping; a tile never straddles blocks)."""
     if TOKEN_GROUPED:
-        tok_in_block = (word % (BLOCK // 32)) * 32 + tile_tokens()
-        on = tok_in_block < tl.where(valid, BLOCK, 0)
-        scale = tl.load(scale_bh + block * s_sn + tok_in_block * s_sx, mask=on, other=0.0).to(tl.float32)
-        zero = tl.load(zero_bh + block * s_zn + tok_in_block * s_zx, mask=on, other=0.0).to(tl.float32)
+        tok = tile * TW * 32 + tile_tokens(TW * 32)
+        on = tok < word_end * 32
+        scale = tl.load(scale_bh + (tok // BLOCK) * s_sn + (tok % BLOCK) * s_sx, mask=on, other=0.0)
+        zero = tl.load(zero_bh + (tok // BLOCK) * s_zn + (tok % BLOCK) * s_zx, mask=on, other=0.0)
     else:
-        scale = tl.load(scale_bh + block * s_sn + chan * s_sx, mask=keep, other=0.0).to(tl.float32)
-        zero = tl.load(zero_bh + block * s_zn + chan * s_zx, mask=keep, other=0.0).to(tl.float32)
-    return base, w, m, scale, zero
+        chan = tl.arange(0, D)
+        keep = chan < tl.where(tile * TW < word_end, D, 0)
+        block = (tile * TW * 32) // BLOCK
+        scale = tl.load(scale_bh + block * s_sn + chan * s_sx, mask=keep, other=0.0)
+        zero = tl.load(zero_bh + block * s_zn + chan * s_zx, mask=keep, other=0.0)
+    return scale, zero
 
 
 @triton.jit
-def load_plane(words_ptr, s_word, base, w, starts, b, word, WPP: tl.constexpr):
-    """Plane ``b`` of every channel of one word, int32 ``[D]`` (0 where a channel is narrower).
+def stage_tile(words_ptr, scale_bh, zero_bh, first, wb, mb, tile, word_end, s_word, s_sn, s_sx, s_zn, s_zx,
+               TW: tl.constexpr, WPP: tl.constexpr, BLOCK: tl.constexpr, MIN_BITS: tl.constexpr,
+               TOKEN_GROUPED: tl.constexpr):
+    """One step ahead of its use: decode a tile's metadata (loaded a step earlier by
+    :func:`fetch_meta`) and issue the loads of its planes 0..7 and its scales.
 
-    Plane b of channel c is the word ``base + (starts[c] + b) * WPP + word % WPP``.
+    Returns ``ptrs, w, m, max_w`` (:func:`decode_meta`), the eight planes and the scales.
     """
-    return tl.load(words_ptr + (base + (starts + b) * WPP + word % WPP) * s_word, mask=b < w, other=0)
+    ptrs, w, m, max_w = decode_meta(words_ptr, s_word, first, wb, mb, tile, TW, WPP, MIN_BITS)
+    x0, x1, x2, x3, x4, x5, x6, x7 = load_planes(ptrs, w, max_w, 0, s_word, WPP)
+    scale, zero = fetch_scales(scale_bh, zero_bh, tile, word_end, s_sn, s_sx, s_zn, s_zx, TW, BLOCK, wb.shape[1],
+                               TOKEN_GROUPED)
+    return ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero
 
 
 @triton.jit
-def word_planes(words_ptr, s_word, base, w, word, WPP: tl.constexpr):
-    """``starts`` (each channel's first plane in the pack), the widest channel, and planes 0-3 of one word.
-
-    ``starts`` is the exclusive prefix sum of the widths. The four gathers are issued
-    together (a word ahead of their use in the kernels), so they wait on memory once.
-    """
-    starts = tl.cumsum(w, 0) - w
-    x0 = load_plane(words_ptr, s_word, base, w, starts, 0, word, WPP)
-    x1 = load_plane(words_ptr, s_word, base, w, starts, 1, word, WPP)
-    x2 = load_plane(words_ptr, s_word, base, w, starts, 2, word, WPP)
-    x3 = load_plane(words_ptr, s_word, base, w, starts, 3, word, WPP)
-    return starts, tl.max(w, 0), x0, x1, x2, x3
+def high_tile(ptrs, w, max_w, s_word, WPP: tl.constexpr, ASM: tl.constexpr):
+    """Bits 8..15 of the tile's values, ``u >> 8``, as an fp16 tile (for packs wider than 8 bits)."""
+    y0, y1, y2, y3, y4, y5, y6, y7 = load_planes(ptrs, w, max_w, 8, s_word, WPP)
+    return planes_to_tile(y0, y1, y2, y3, y4, y5, y6, y7, tl.zeros_like(w), max_w, 8, ASM)
 
 
 @triton.jit
-def _plane_bits(x, b, PAIRED: tl.constexpr):
-    """Bit b of the values in plane word ``x [D]``: ``[16, D]`` two tokens a lane, or ``[32, D]``."""
-    if PAIRED:
-        # Bits j and j + 16 of x land at 0 and 16; the arithmetic shift fills only bits >= 17.
-        return ((x[None, :] >> tl.arange(0, 16)[:, None]) & 0x00010001) << b
+def _lane(x, j: tl.constexpr, b: tl.constexpr):
+    """Bits ``j, j+8, j+16, j+24`` of ``x`` moved to bits ``b, b+8, b+16, b+24`` (others 0)."""
+    if b == 7:
+        mask: tl.constexpr = -2139062144  # 0x80808080 as an int32
     else:
-        return ((x[None, :] >> tile_tokens()[:, None]) & 1) << b
+        mask: tl.constexpr = 0x01010101 << b
+    # An arithmetic right shift fills only bits >= 32 - (j - b) > 24 + b: the mask drops them.
+    if j >= b:
+        return (x >> (j - b)) & mask
+    else:
+        return (x << (b - j)) & mask
 
 
 @triton.jit
-def unpack_word(
-    words_ptr, s_word, base, w, m, starts, max_w, word, x0, x1, x2, x3,
-    WPP: tl.constexpr, D: tl.constexpr, PAIRED: tl.constexpr,
-):
-    """Quantized integers ``m + u`` of the 32 tokens of one word: int32 ``[32, D]``, rows in tile_tokens() order.
+def _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x, b: tl.constexpr):
+    """OR plane ``x`` (bit ``b`` of the values) into the eight byte-lane accumulators."""
+    return (a0 | _lane(x, 0, b), a1 | _lane(x, 1, b), a2 | _lane(x, 2, b), a3 | _lane(x, 3, b),
+            a4 | _lane(x, 4, b), a5 | _lane(x, 5, b), a6 | _lane(x, 6, b), a7 | _lane(x, 7, b))
 
-    ``x0..x3`` are planes 0-3 from word_planes; planes from 4 up (wide packs) are gathered
-    here, one [D] load a plane. ``PAIRED`` unpacks two tokens a lane (j and j + 16: one
-    shift and one mask a plane for both) and interleaves the halves; else one token a
-    lane. Measured on an H100, pairs are faster where the tile is transposed for the K
-    product, single lanes for V.
+
+@triton.jit
+def _bytes_f16(a, add, sub, ASM: tl.constexpr):
+    """The four bytes of ``a`` plus ``add``, as four fp16 tensors (byte 0 first).
+
+    ``sub`` is ``add``'s fp16x2 form ``1024 - add`` in both halves, used by the PTX path;
+    the interpreter's path uses ``add``.
     """
-    u = _plane_bits(x0, 0, PAIRED)
-    if max_w > 1:
-        u |= _plane_bits(x1, 1, PAIRED)
-    if max_w > 2:
-        u |= _plane_bits(x2, 2, PAIRED)
-    if max_w > 3:
-        u |= _plane_bits(x3, 3, PAIRED)
-    for b in range(4, max_w):
-        u |= _plane_bits(load_plane(words_ptr, s_word, base, w, starts, b, word, WPP), b, PAIRED)
-    if PAIRED:
-        pair = tl.join(u & 0xFFFF, u >> 16)  # [16, D, 2]: tokens j and j + 16
-        u = tl.reshape(tl.permute(pair, (0, 2, 1)), (32, D))
-    return u + m[None, :]
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{.reg .b32 c, t0, t1;\n"
+            "mov.b32 c, 0x64646464;\n"
+            "prmt.b32 t0, $4, c, 0x4140;\n"  # bytes 0, 1 under 0x64: fp16 1024 + byte
+            "prmt.b32 t1, $4, c, 0x4342;\n"  # bytes 2, 3
+            "sub.f16x2 t0, t0, $5;\n"
+            "sub.f16x2 t1, t1, $5;\n"
+            "mov.b32 {$0, $1}, t0;\n"
+            "mov.b32 {$2, $3}, t1;}",
+            "=h,=h,=h,=h,r,r", [a, sub], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        return (((a & 255) + add).to(tl.float16), (((a >> 8) & 255) + add).to(tl.float16),
+                (((a >> 16) & 255) + add).to(tl.float16), (((a >> 24) & 255) + add).to(tl.float16))
 
 
 @triton.jit
-def split_rows(x):
-    """``x`` fp32 ``[M, N]`` as ``norm[:, None] * (hi + lo)``, fp16 ``hi``/``lo``, |hi| <= 1."""
+def _tree8(t0, t1, t2, t3, t4, t5, t6, t7):
+    """Eight ``[TW, D]`` tensors as ``[TW, D, 8]`` in this order (a join appends the fastest dim)."""
+    pairs = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
+    return tl.reshape(pairs, [t0.shape[0], t0.shape[1], 8])
+
+
+@triton.jit
+def load_planes(ptrs, w, max_w, lo, s_word, WPP: tl.constexpr):
+    """Issue the loads of planes ``lo..lo+7`` of the tile (int32 ``[TW, D]`` each, 0 where a
+    channel is narrower); planes 4 to 7 only if some channel is wider than ``lo + 4``."""
+    step: tl.constexpr = WPP * s_word
+    left = w - lo
+    ptrs = ptrs + lo * step
+    zero = tl.zeros_like(w)
+    x0 = tl.load(ptrs, mask=0 < left, other=0)
+    x1 = tl.load(ptrs + step, mask=1 < left, other=0)
+    x2 = tl.load(ptrs + 2 * step, mask=2 < left, other=0)
+    x3 = tl.load(ptrs + 3 * step, mask=3 < left, other=0)
+    x4, x5, x6, x7 = zero, zero, zero, zero
+    if max_w > lo + 4:
+        x4 = tl.load(ptrs + 4 * step, mask=4 < left, other=0)
+        x5 = tl.load(ptrs + 5 * step, mask=5 < left, other=0)
+        x6 = tl.load(ptrs + 6 * step, mask=6 < left, other=0)
+        x7 = tl.load(ptrs + 7 * step, mask=7 < left, other=0)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def planes_to_tile(x0, x1, x2, x3, x4, x5, x6, x7, add, max_w, lo, ASM: tl.constexpr):
+    """Planes ``lo..lo+7`` (from :func:`load_planes`) plus ``add [TW, D]`` as the fp16 tile
+    ``[D, TW * 32]``, columns in :func:`tile_tokens` order.
+
+    Planes from ``max_w`` up are skipped; ``add`` must keep every value below 2048.
+    """
+    zero = tl.zeros_like(x0)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(zero, zero, zero, zero, zero, zero, zero, zero, x0, 0)
+    if max_w > lo + 1:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x1, 1)
+    if max_w > lo + 2:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x2, 2)
+    if max_w > lo + 3:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x3, 3)
+    if max_w > lo + 4:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x4, 4)
+    if max_w > lo + 5:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x5, 5)
+    if max_w > lo + 6:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x6, 6)
+    if max_w > lo + 7:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _or_plane(a0, a1, a2, a3, a4, a5, a6, a7, x7, 7)
+    sub = _f16x2_bits(1024 - add)
+    b00, b01, b02, b03 = _bytes_f16(a0, add, sub, ASM)
+    b10, b11, b12, b13 = _bytes_f16(a1, add, sub, ASM)
+    b20, b21, b22, b23 = _bytes_f16(a2, add, sub, ASM)
+    b30, b31, b32, b33 = _bytes_f16(a3, add, sub, ASM)
+    b40, b41, b42, b43 = _bytes_f16(a4, add, sub, ASM)
+    b50, b51, b52, b53 = _bytes_f16(a5, add, sub, ASM)
+    b60, b61, b62, b63 = _bytes_f16(a6, add, sub, ASM)
+    b70, b71, b72, b73 = _bytes_f16(a7, add, sub, ASM)
+    # [TW, D, 8 (j), 4 (k)]: byte k of accumulator j (token 8k + j) at column 4j + k, the
+    # order the registers already hold (byte pairs share one fp16x2 register).
+    tile = tl.join(tl.join(_tree8(b00, b10, b20, b30, b40, b50, b60, b70), _tree8(b02, b12, b22, b32, b42, b52, b62, b72)),
+                   tl.join(_tree8(b01, b11, b21, b31, b41, b51, b61, b71), _tree8(b03, b13, b23, b33, b43, b53, b63, b73)))
+    tw: tl.constexpr = x0.shape[0]
+    d: tl.constexpr = x0.shape[1]
+    tile = tl.reshape(tile, [tw, d, 32])
+    return tl.reshape(tl.permute(tile, (1, 0, 2)), [d, tw * 32])
+
+
+@triton.jit
+def _f16x2_bits(x):
+    """int32 ``x`` (exact in fp16) as the bits of the fp16 pair ``(x, x)``."""
+    h = x.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def pow2_rows(x):
+    """Per-row power of two at or below the row's largest magnitude (1 for a zero row), ``[M]``.
+
+    Dividing by it is exact and brings the row into fp16's range without changing bf16 or
+    fp16 mantissas.
+    """
     amax = tl.max(tl.abs(x), axis=1)
-    norm = tl.where(amax > 0, amax, 1.0)
-    xn = x * (1.0 / norm)[:, None]
-    hi = xn.to(tl.float16)
-    lo = (xn - hi.to(tl.float32)).to(tl.float16)
-    return hi, lo, norm
+    return tl.where(amax > 0, tl.exp2(tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0)))), 1.0)
 
 
 @triton.jit
-def dot_split(hi, lo, norm, v, max_w):
-    """``norm[:, None] * ((hi + lo) @ v)`` fp32, for fp16 ``hi, lo [M, K]`` and int ``v [K, N]``.
-
-    ``v = m + u < 2**max_w + 2**8`` is exact in fp16 below 2048, so for max_w <= 10.
-    """
-    v_low = (v & 2047).to(tl.float16)
-    acc = tl.dot(hi, v_low) + tl.dot(lo, v_low)
-    if max_w > 10:
-        v_high = (v >> 11).to(tl.float16)
-        acc += 2048.0 * (tl.dot(hi, v_high) + tl.dot(lo, v_high))
-    return acc * norm[:, None]
-
-
-@triton.jit
-def v_word_product(p, v, scale, zero, max_w, TOKEN_GROUPED: tl.constexpr):
-    """``p . V`` over one 32-token word, fp32 ``[16, D]``, from its integers ``v = m + u [32, D]``.
-
-    ``p [16, 32]`` weights in tile_tokens() order; ``scale, zero`` from word_meta. Token
-    grouping folds the token steps into the weights, ``b = p * scale``:
-    ``out_c = sum(p * zero) + b . (m + u)[:, c]``; channel grouping gives
-    ``out_c = zero_c * sum(p) + scale_c * p . (m + u)[:, c]``.
-    """
-    if TOKEN_GROUPED:
-        b_hi, b_lo, b_norm = split_rows(p * scale[None, :])
-        out = tl.sum(p * zero[None, :], axis=1)[:, None] + dot_split(b_hi, b_lo, b_norm, v, max_w)
-    else:
-        p_hi, p_lo, p_norm = split_rows(p)
-        out = zero[None, :] * tl.sum(p, axis=1)[:, None] + scale[None, :] * dot_split(p_hi, p_lo, p_norm, v, max_w)
-    return out
-
-
-@triton.jit
-def k_query(q_ptr, b, h, s_qb, s_qh, s_qd, scale, zero,
-            GROUP: tl.constexpr, D: tl.constexpr, TOKEN_GROUPED: tl.constexpr):
-    """The query tile folded for K: split ``a [16, D]`` and a per-row term ``bias [16]``.
-
-    Channel grouping (``scale, zero [D]`` of one block, from word_meta): ``a = q * scale``,
-    ``bias = sum(q * zero)``, so that ``score = bias + a . (m + u)``; called once a block.
-    Token grouping: ``a = q``, ``bias = sum(q)`` (scale, zero unused); called once. The
-    query is read again each time (an L1/L2 hit) rather than kept in registers.
-    """
-    q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
-    if TOKEN_GROUPED:
-        a_hi, a_lo, a_norm = split_rows(q)
-        bias = tl.sum(q, axis=1)
-    else:
-        a_hi, a_lo, a_norm = split_rows(q * scale[None, :])
-        bias = tl.sum(q * zero[None, :], axis=1)
-    return a_hi, a_lo, a_norm, bias
-
-
-@triton.jit
-def k_word_scores(a_hi, a_lo, a_norm, bias, v, scale, zero, max_w, TOKEN_GROUPED: tl.constexpr):
-    """Raw scores ``q . K^T`` of one 32-token word, fp32 ``[16, 32]`` in tile_tokens() order.
-
-    ``v = m + u [32, D]`` its integers; ``a_*``, ``bias`` from k_query; token grouping then
-    applies the token steps and minima (``scale, zero [32]``):
-    ``score_t = zero_t * sum(q) + scale_t * q . (m + u_t)``.
-    """
-    dot = dot_split(a_hi, a_lo, a_norm, tl.trans(v), max_w)
-    if TOKEN_GROUPED:
-        scores = zero[None, :] * bias[:, None] + scale[None, :] * dot
-    else:
-        scores = bias[:, None] + dot
-    return scores
+def split_f16(x):
+    """fp32 ``x`` as ``hi + lo`` with fp16 ``hi``, ``lo`` (about 2**-22 relative), for rows already scaled by pow2_rows."""
+    hi = x.to(tl.float16)
+    lo = (x - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo
 
 
 @triton.jit

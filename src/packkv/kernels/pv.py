@@ -8,37 +8,79 @@ import triton.language as tl
 
 from ..codec.format import PackedTensor
 from . import _common
-from ._common import check_packed, check_probs, n_splits, use_triton
-from .planes import packed_args, tile_tokens, unpack_word, v_word_product, word_meta, word_planes
+from ._common import check_packed, check_probs, n_splits, use_asm, use_triton
+from .planes import fetch_meta, high_tile, packed_args, planes_to_tile, pow2_rows, stage_tile, tile_tokens
 from .reference import pv_reference
+
+
+@triton.jit
+def v_tile_sum(p, ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, s_word,
+               WPP: tl.constexpr, TOKEN_GROUPED: tl.constexpr, NORMALIZE: tl.constexpr, WIDE: tl.constexpr,
+               ASM: tl.constexpr):
+    """``p . V`` over one tile (state from planes.stage_tile), for weights ``p`` fp32
+    ``[16, TW * 32]`` in :func:`tile_tokens` order (0 past the last token).
+
+    Returns the sum without the token minima, fp32 ``[16, D]``, and their part ``[16]``,
+    which is the same for every channel (kept apart so that a caller adds it once).
+    Token grouping (``V[t, c] = zero_t + scale_t (m_c + u_tc)``): the weights ``p scale``
+    go to the tensor cores in fp16, like FlashAttention's probabilities (about 2**-12
+    relative a weight), after dividing each row by a power of two when ``NORMALIZE`` (for
+    weights that may be tiny; softmax weights of at most 1 need not). Channel grouping
+    (the block's steps and minima): ``scale_c (p . (m + u)) + zero_c sum(p)``. ``WIDE`` as in
+    :func:`qk.k_tile_scores`.
+    """
+    if TOKEN_GROUPED:
+        weights = p * scale.to(tl.float32)[None, :]
+        z = tl.sum(p * zero.to(tl.float32)[None, :], axis=1)
+    else:
+        weights = p
+        z = tl.zeros([16], dtype=tl.float32)
+    if NORMALIZE:
+        pw = pow2_rows(weights)
+        weights = weights / pw[:, None]
+    a = weights.to(tl.float16)
+    out = tl.dot(a, tl.trans(planes_to_tile(x0, x1, x2, x3, x4, x5, x6, x7, m, max_w, 0, ASM)))
+    if WIDE and max_w > 8:
+        out += 256.0 * tl.dot(a, tl.trans(high_tile(ptrs, w, max_w, s_word, WPP, ASM)))
+    if NORMALIZE:
+        out = out * pw[:, None]
+    if not TOKEN_GROUPED:
+        out = out * scale.to(tl.float32)[None, :] + zero.to(tl.float32)[None, :] * tl.sum(p, axis=1)[:, None]
+    return out, z
+
+
+@triton.jit
+def _load_weights(p_rows, tile, word_end, s_pt, GROUP: tl.constexpr, TW: tl.constexpr):
+    """Issue the loads of a tile's weights ``[16, TW * 32]`` (rows >= GROUP and tokens past ``word_end``: 0)."""
+    tok = tile * TW * 32 + tile_tokens(TW * 32)
+    rows = tl.arange(0, 16)
+    return tl.load(p_rows + tok[None, :] * s_pt, mask=(rows[:, None] < GROUP) & (tok < word_end * 32)[None, :], other=0.0)
 
 
 # Batch/head strides and counts change as a cache grows; specializing on them (== 1,
 # divisible by 16) would recompile the kernel for seconds in the middle of a generation.
-@triton.jit(do_not_specialize=['s_ob', 's_oh', 's_wb', 's_wh', 's_mb', 's_mh', 's_sb', 's_sh', 's_zb', 's_zh', 's_pb', 's_ph', 's_partb', 's_parth', 'heads', 'n_blocks', 'blocks_per_split'])
+@triton.jit(do_not_specialize=['s_ob', 's_oh', 's_wb', 's_wh', 's_mb', 's_mh', 's_sb', 's_sh', 's_zb', 's_zh', 's_pb', 's_ph', 's_partb', 's_parth', 'heads', 'n_words', 'tiles_per_split'])
 def _pv_kernel(
     p_ptr, part_ptr,
     words_ptr, offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr,
     s_word, s_ob, s_oh, s_op, s_wb, s_wh, s_wp, s_wc, s_mb, s_mh, s_mp, s_mc,
     s_sb, s_sh, s_sn, s_sx, s_zb, s_zh, s_zn, s_zx,
     s_pb, s_ph, s_pt, s_partb, s_parth, s_parts,
-    heads, n_blocks, blocks_per_split,
+    heads, n_words, tiles_per_split,
     GROUP: tl.constexpr, D: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr,
-    MIN_BITS: tl.constexpr, TOKEN_GROUPED: tl.constexpr,
+    MIN_BITS: tl.constexpr, TOKEN_GROUPED: tl.constexpr, TW: tl.constexpr, WIDE: tl.constexpr, ASM: tl.constexpr,
 ):
     """Grid (batch * kv_heads, splits); a program writes its split's partial sum ``[GROUP, D]``.
 
-    Its 32-token words run through the pipeline of planes.py: word i is summed while the
-    planes and weights of word i+1 and the metadata of word i+2 load.
+    The software pipeline of qk.py: while tile i is summed, the planes, scales and weights
+    of tile i+1 and the metadata of tile i+2 are in flight.
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
     WPP: tl.constexpr = PACK // 32
-    WPB: tl.constexpr = BLOCK // 32
     rows = tl.arange(0, 16)
-    tt = tile_tokens()
     chan = tl.arange(0, D)
     offsets_bh = offsets_ptr + b * s_ob + h * s_oh
     widths_bh = widths_ptr + b * s_wb + h * s_wh
@@ -47,45 +89,53 @@ def _pv_kernel(
     zero_bh = zero_ptr + b * s_zb + h * s_zh
     p_rows = p_ptr + b * s_pb + (h * GROUP + rows[:, None]) * s_ph
     acc = tl.zeros([16, D], dtype=tl.float32)
-    first = split * blocks_per_split * WPB
-    last = tl.minimum(first + blocks_per_split * WPB, n_blocks * WPB)
-    # Pipeline state: word i (planes and weights loaded) and word i+1 (metadata loaded).
-    base, w, m, sc, ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, first, first < last,
-                                   s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
-    st, mw, x0, x1, x2, x3 = word_planes(words_ptr, s_word, base, w, first, WPP)
-    p = tl.load(p_rows + (first * 32 + tt)[None, :] * s_pt, mask=rows[:, None] < tl.where(first < last, GROUP, 0), other=0.0)
-    n_base, n_w, n_m, n_sc, n_ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, first + 1, first + 1 < last,
-                                             s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
-    for word in range(first, last):
-        n_st, n_mw, n_x0, n_x1, n_x2, n_x3 = word_planes(words_ptr, s_word, n_base, n_w, word + 1, WPP)
-        n_p = tl.load(p_rows + ((word + 1) * 32 + tt)[None, :] * s_pt,
-                      mask=rows[:, None] < tl.where(word + 1 < last, GROUP, 0), other=0.0)
-        f_base, f_w, f_m, f_sc, f_ze = word_meta(offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh, word + 2, word + 2 < last,
-                                                 s_op, s_wp, s_wc, s_mp, s_mc, s_sn, s_sx, s_zn, s_zx, WPP, BLOCK, D, MIN_BITS, TOKEN_GROUPED)
-        v = unpack_word(words_ptr, s_word, base, w, m, st, mw, word, x0, x1, x2, x3, WPP, D, False)
-        acc += v_word_product(p.to(tl.float32), v, sc, ze, mw, TOKEN_GROUPED)
-        base, w, m, sc, ze, st, mw, x0, x1, x2, x3, p = n_base, n_w, n_m, n_sc, n_ze, n_st, n_mw, n_x0, n_x1, n_x2, n_x3, n_p
-        n_base, n_w, n_m, n_sc, n_ze = f_base, f_w, f_m, f_sc, f_ze
-    out = part_ptr + b * s_partb + (h * GROUP + rows[:, None]) * s_parth + split * s_parts + chan[None, :]
-    tl.store(out, acc, mask=rows[:, None] < GROUP)
+    z_acc = tl.zeros([16], dtype=tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_words, TW))
+    word_end = tl.minimum(last * TW, n_words)
+    f0, wb, mb = fetch_meta(offsets_bh, widths_bh, mins_bh, first, word_end, s_op, s_wp, s_wc, s_mp, s_mc, TW, WPP, D, MIN_BITS)
+    ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6, x7, sc, ze = stage_tile(
+        words_ptr, scale_bh, zero_bh, f0, wb, mb, first, word_end, s_word, s_sn, s_sx, s_zn, s_zx,
+        TW, WPP, BLOCK, MIN_BITS, TOKEN_GROUPED)
+    p = _load_weights(p_rows, first, word_end, s_pt, GROUP, TW)
+    f0, wb, mb = fetch_meta(offsets_bh, widths_bh, mins_bh, first + 1, word_end, s_op, s_wp, s_wc, s_mp, s_mc, TW, WPP, D, MIN_BITS)
+    for tile in range(first, last):
+        n_ptrs, n_w, n_m, n_max_w, n_x0, n_x1, n_x2, n_x3, n_x4, n_x5, n_x6, n_x7, n_sc, n_ze = stage_tile(
+            words_ptr, scale_bh, zero_bh, f0, wb, mb, tile + 1, word_end, s_word, s_sn, s_sx, s_zn, s_zx,
+            TW, WPP, BLOCK, MIN_BITS, TOKEN_GROUPED)
+        n_p = _load_weights(p_rows, tile + 1, word_end, s_pt, GROUP, TW)
+        f0, wb, mb = fetch_meta(offsets_bh, widths_bh, mins_bh, tile + 2, word_end, s_op, s_wp, s_wc, s_mp, s_mc,
+                                TW, WPP, D, MIN_BITS)
+        out, z = v_tile_sum(p.to(tl.float32), ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6, x7, sc, ze, s_word,
+                            WPP, TOKEN_GROUPED, True, WIDE, ASM)
+        acc += out
+        z_acc += z
+        ptrs, w, m, max_w, sc, ze, p = n_ptrs, n_w, n_m, n_max_w, n_sc, n_ze, n_p
+        x0, x1, x2, x3, x4, x5, x6, x7 = n_x0, n_x1, n_x2, n_x3, n_x4, n_x5, n_x6, n_x7
+    acc += z_acc[:, None]
+    out_ptrs = part_ptr + b * s_partb + (h * GROUP + rows[:, None]) * s_parth + split * s_parts + chan[None, :]
+    tl.store(out_ptrs, acc, mask=rows[:, None] < GROUP)
 
 
 def pv_triton(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> torch.Tensor:
     """Triton :func:`pv` (inputs already validated)."""
     batch, q_heads, _ = p.shape
     group = q_heads // v.heads
-    n_blocks = v.n_tokens // v.block_size
-    if n_blocks == 0:
+    n_words = v.n_tokens // 32
+    if n_words == 0:
         return torch.zeros(batch, q_heads, v.head_dim, dtype=torch.float32, device=p.device)
-    per_split = -(-n_blocks // n_splits(batch * v.heads, n_blocks, p.device, splits))
-    n_split = -(-n_blocks // per_split)
+    settings = _common.launch_settings("pv", v.head_dim, v.block_size, v.grouping == "channel")
+    tw = settings["tile_words"]
+    n_tiles = -(-n_words // tw)
+    per_split = -(-n_tiles // n_splits(batch * v.heads, n_tiles, p.device, splits, settings["programs_per_sm"]))
+    n_split = -(-n_tiles // per_split)
     partial = torch.empty(batch, q_heads, n_split, v.head_dim, dtype=torch.float32, device=p.device)
     _pv_kernel[(batch * v.heads, n_split)](
         p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3],
-        v.heads, n_blocks, per_split,
+        v.heads, n_words, per_split,
         GROUP=group, D=v.head_dim, PACK=v.pack_size, BLOCK=v.block_size,
-        MIN_BITS=v.min_bits, TOKEN_GROUPED=v.grouping == "token",
-        num_warps=_common.num_warps("pv", v.head_dim),
+        MIN_BITS=v.min_bits, TOKEN_GROUPED=v.grouping == "token", TW=tw, WIDE=v.width_bound > 8, ASM=use_asm(p.device),
+        **settings["options"],
     )
     return partial.sum(dim=2)
 
@@ -97,11 +147,15 @@ def pv(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> torch.Ten
         p: ``[batch, q_heads, v.n_tokens]`` float weights in packed token order; q_heads a
             multiple of V's heads (query head h reads KV head ``h // group``).
         v: packed V, head_dim 64 or 128.
-        splits: chunks of the sequence (whole blocks) per (batch, KV head); None picks enough to fill the GPU.
+        splits: chunks of the sequence (whole tiles of packs) per (batch, KV head); None
+            picks enough to fill the GPU.
 
     Returns:
-        fp32 ``[batch, q_heads, head_dim]``. Triton on CUDA (and on the CPU under
-        ``TRITON_INTERPRET=1``), else :func:`pv_reference`.
+        fp32 ``[batch, q_heads, head_dim]``. The kernel multiplies in fp16 on the tensor
+        cores: each weight (times its token's step) is rounded to fp16 after scaling its
+        row by a power of two, about 2**-12 relative, as FlashAttention rounds its
+        probabilities. Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), else
+        :func:`pv_reference`.
     """
     check_packed(v, "v")
     check_probs(p, v)
