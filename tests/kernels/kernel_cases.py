@@ -2,12 +2,15 @@
 caches of random or real KV, the grid of cases, and tolerances.
 
 The kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before Triton is imported); every program costs milliseconds, so shapes stay small.
+before Triton is imported); every program costs milliseconds, so shapes stay small. On a
+machine with a GPU, ``TRITON_INTERPRET=0 PACKKV_TEST_DEVICE=cuda pytest tests/kernels``
+runs the same tests on compiled kernels (the inline-PTX path the interpreter cannot run).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,7 @@ import torch
 from packkv import PackKVConfig, PackedKV, compress_kv
 
 REAL_KV = Path(__file__).parent.parent / "data" / "smollm2_kv_tiny.pt"  # [1, 3, 160, 64] fp16
+DEVICE = torch.device(os.environ.get("PACKKV_TEST_DEVICE", "cpu"))
 
 # The K product multiplies exact fp16 operands (the query, scaled by a power of two, and
 # the integers) with fp32 accumulation: compared to PRODUCT_RTOL of the largest reference
@@ -69,7 +73,7 @@ def kv_data(case: Case, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def make_case(case: Case, seed: int = 0) -> tuple[torch.Tensor, PackedKV]:
-    """The query ``[batch, kv_heads * group, head_dim]`` and the packed cache of a Case.
+    """The query ``[batch, kv_heads * group, head_dim]`` and the packed cache of a Case, on DEVICE.
 
     Cached: the three kernels' tests share one encoding (greedy repacking is slow on the
     CPU); callers must not modify what they get.
@@ -78,7 +82,7 @@ def make_case(case: Case, seed: int = 0) -> tuple[torch.Tensor, PackedKV]:
     kv = compress_kv(k, v, case.config)
     g = torch.Generator().manual_seed(seed + 1)
     q = torch.randn(case.batch, case.kv_heads * case.group, case.head_dim, generator=g).to(case.dtype)
-    return q, kv
+    return q.to(DEVICE), kv.to(DEVICE)
 
 
 def assert_product_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = PRODUCT_RTOL) -> None:

@@ -2,7 +2,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from kernel_cases import ATTENTION_TOL, Case, make_case
+from kernel_cases import ATTENTION_TOL, DEVICE, Case, make_case
 
 from packkv.kernels import decode_attention, decode_attention_reference, qk
 
@@ -15,7 +15,7 @@ def assert_attention_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 def test_decode_attention_matches_reference(case):
     q, kv = make_case(case)
     g = torch.Generator().manual_seed(5)
-    mask = torch.rand(case.batch, case.kv_heads, kv.n_tokens, generator=g) > 0.3
+    mask = (torch.rand(case.batch, case.kv_heads, kv.n_tokens, generator=g) > 0.3).to(DEVICE)
     assert_attention_close(decode_attention(q, kv), decode_attention_reference(q, kv))
     assert_attention_close(decode_attention(q, kv, mask=mask, splits=2), decode_attention_reference(q, kv, mask=mask))
 
@@ -28,7 +28,7 @@ def test_decode_attention_tail_only_and_no_tail(tokens):
 
 def test_decode_attention_scale_and_broadcast_mask():
     q, kv = make_case(Case(batch=2, group=3, tokens=100, dtype=torch.bfloat16))
-    mask = torch.ones(2, 1, kv.n_tokens, dtype=torch.bool)
+    mask = torch.ones(2, 1, kv.n_tokens, dtype=torch.bool, device=DEVICE)
     mask[0, 0, 70:] = False
     mask[1, 0, :64] = False
     out = decode_attention(q, kv, sm_scale=0.3, mask=mask)
@@ -37,7 +37,7 @@ def test_decode_attention_scale_and_broadcast_mask():
 
 def test_decode_attention_fully_masked_row_is_zero():
     q, kv = make_case(Case(batch=2, tokens=100))
-    mask = torch.ones(2, 1, kv.n_tokens, dtype=torch.bool)
+    mask = torch.ones(2, 1, kv.n_tokens, dtype=torch.bool, device=DEVICE)
     mask[1] = False
     out = decode_attention(q, kv, mask=mask)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
@@ -47,10 +47,10 @@ def test_decode_attention_fully_masked_row_is_zero():
 def _view_of_larger(t: torch.Tensor, fill: float) -> torch.Tensor:
     """A strided view holding ``t``, inside a larger buffer filled with ``fill``."""
     if t.dim() == 1:
-        pool = torch.full((t.numel() + 13,), fill, dtype=t.dtype)
+        pool = torch.full((t.numel() + 13,), fill, dtype=t.dtype, device=t.device)
         pool[5 : 5 + t.numel()] = t
         return pool[5 : 5 + t.numel()]
-    big = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 3), fill, dtype=t.dtype)
+    big = torch.full((*t.shape[:-1], 2 * t.shape[-1] + 3), fill, dtype=t.dtype, device=t.device)
     view = big[..., 1 : 1 + 2 * t.shape[-1] : 2]
     view.copy_(t)
     return view
@@ -67,6 +67,7 @@ def test_kernels_read_views_of_larger_tensors():
     torch.testing.assert_close(qk(q_view, viewed.k), qk(q, kv.k), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU fallback")
 def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
     q, kv = make_case(Case(tokens=80))
     monkeypatch.delenv("TRITON_INTERPRET")
@@ -74,9 +75,9 @@ def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("make_mask, error", [
-    (lambda n: torch.ones(1, 1, n), TypeError),  # not bool
-    (lambda n: torch.ones(1, 1, n + 1, dtype=torch.bool), ValueError),  # wrong length
-    (lambda n: torch.ones(1, 3, n, dtype=torch.bool), ValueError),  # wrong heads
+    (lambda n: torch.ones(1, 1, n, device=DEVICE), TypeError),  # not bool
+    (lambda n: torch.ones(1, 1, n + 1, dtype=torch.bool, device=DEVICE), ValueError),  # wrong length
+    (lambda n: torch.ones(1, 3, n, dtype=torch.bool, device=DEVICE), ValueError),  # wrong heads
 ])
 def test_decode_attention_rejects_bad_masks(make_mask, error):
     q, kv = make_case(Case(kv_heads=2, tokens=70))

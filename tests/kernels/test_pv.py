@@ -8,7 +8,7 @@ from packkv.kernels import pv, pv_reference
 def weights(q: torch.Tensor, n_tokens: int, seed: int = 2) -> torch.Tensor:
     """Softmax-like positive weights ``[batch, q_heads, n_tokens]``, fp32."""
     g = torch.Generator().manual_seed(seed)
-    return torch.softmax(torch.randn(q.shape[0], q.shape[1], n_tokens, generator=g) * 3, dim=-1)
+    return torch.softmax(torch.randn(q.shape[0], q.shape[1], n_tokens, generator=g) * 3, dim=-1).to(q.device)
 
 
 def test_pv_matches_reference(case):
@@ -27,7 +27,7 @@ def test_pv_reads_low_precision_weights(dtype):
 
 def test_pv_without_packs_is_zero():
     q, kv = make_case(Case(tokens=40))
-    assert torch.equal(pv(weights(q, 0), kv.v), torch.zeros(1, 1, 64))
+    assert torch.equal(pv(weights(q, 0), kv.v), torch.zeros(1, 1, 64, device=q.device))
 
 
 def test_pv_rejects_wrong_token_count():
