@@ -323,7 +323,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, date=date, copy_GBps=copy_bw / 1e9, torch=torch.__version__,
-                           triton=triton.__version__, defaults=kernel_settings.DEFAULTS,
+                           triton=triton.__version__, defaults={f"{k} d{d}": v for (k, d), v in kernel_settings.DEFAULTS.items()},
                            overrides=dict(num_warps=args.num_warps, tile_words=args.tile_words,
                                           programs_per_sm=args.programs_per_sm, max_registers=args.max_registers),
                            checks=log, variants=variants, rows=rows), f, indent=1)

@@ -1,13 +1,20 @@
 """How fast is the store stage on a GPU, against the work it rides on?
 
-For Llama-3.1-8B shapes (8 KV heads, head_dim 128, 32 query heads, hidden 4096, MLP 14336)
-it times, per layer:
-  * encoding a whole prefill of T tokens (K and V) with each repacking method, as
-    fp16-input GB/s (median and none: the fused kernels; greedy: the reference codec
-    with the Triton packer), checked bit for bit against the reference codec first;
-  * that layer's prefill attention plus MLP on the same T tokens (random weights);
-  * the amortized compression cost per decode step (one block every block_size steps)
-    against one decode attention step (SDPA) at T.
+For one Llama-3.1-8B layer (8 KV heads, head_dim 128, 32 query heads, hidden 4096, MLP
+14336), batch 1, the default PackKVConfig but the repacking named, it times:
+  * encoding a prefill of T tokens (K and V) with ``encode_kv``, as fp16-input GB/s
+    (median and none: the fused kernels; greedy: the reference codec with the Triton
+    packer, timed on T/8 tokens and scaled), checked bit for bit against the reference
+    codec first, and against the layer's prefill attention plus MLP (random weights);
+  * appending ONE block to a ``PackedStore`` already holding those T tokens (what a decode
+    step triggers once every block_size steps): CUDA events around each append, the device
+    idle before it (so launch overhead counts), median and mean of many appends, each
+    growing the store (the mean includes the rare appends that grow a pool and sync);
+  * that time / block_size against one decode attention step of the layer at T tokens:
+    fp16 SDPA and packkv's fused ``decode_attention`` over the store's packed blocks plus an
+    fp16 tail of ``buffer_size`` tokens;
+  * the store's allocated and used bytes over the fp16 bytes of the tokens it holds, after
+    the prefill (the table) and after the appends (--json).
 
     PYTHONPATH=src python3 benchmarks/bench_encode.py [--tokens 32768] [--quick] [--json FILE]
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -65,13 +73,49 @@ def layer_prefill_ms(tokens: int, quick: bool) -> float:
     return bench_ms(run, quick)
 
 
-def decode_attention_ms(tokens: int, quick: bool) -> float:
-    """One fp16 SDPA decode step (32 query heads, 8 KV heads, head_dim 128) at ``tokens``."""
+def sdpa_decode_ms(k: torch.Tensor, v: torch.Tensor, quick: bool) -> float:
+    """One fp16 SDPA decode step, 32 query heads over ``k``, ``v`` [1, 8, T, 128]."""
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
-    k, v = realistic_kv(1, 8, tokens, 128, "cuda")
     k, v = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     f = torch.nn.functional.scaled_dot_product_attention
     return bench_ms(lambda: f(q, k, v), quick)
+
+
+def packed_decode_ms(store, tail_k: torch.Tensor, tail_v: torch.Tensor, quick: bool) -> float:
+    """One packkv decode attention step, 32 query heads over the store's blocks and the tail."""
+    from packkv import PackedKV
+    from packkv.kernels import decode_attention
+
+    kv = PackedKV(k=store.k, v=store.v, k_tail=tail_k, v_tail=tail_v, config=store.config, dtype=torch.float16)
+    q = torch.randn(1, 32, 128, device="cuda", dtype=torch.float16)
+    return bench_ms(lambda: decode_attention(q, kv), quick)
+
+
+def store_sizes(store) -> dict:
+    """The store's compression ratio, used and allocated bytes over its tokens' fp16 bytes."""
+    fp16 = 2 * 2 * store.batch * store.heads * store.n_tokens * store.head_dim
+    return {"store_tokens": store.n_tokens, "ratio": fp16 / store.nbytes, "used_vs_fp16": store.nbytes / fp16,
+            "allocated_vs_fp16": store.allocated_nbytes / fp16}
+
+
+def append_times(store, k: torch.Tensor, v: torch.Tensor, reps: int) -> dict:
+    """Milliseconds of ``store.append(k, v)``, device idle before each: CUDA events (median,
+    mean) and the host's time to return (median)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    device_ms, host_ms = [], []
+    realloc = store.reallocations
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start.record()
+        store.append(k, v)
+        end.record()
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+        end.synchronize()
+        device_ms.append(start.elapsed_time(end))
+    return {"append_ms": statistics.median(device_ms), "append_mean_ms": statistics.fmean(device_ms),
+            "append_host_ms": statistics.median(host_ms), "appends": reps,
+            "reallocations_during": store.reallocations - realloc}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,45 +130,71 @@ def main(argv: list[str] | None = None) -> int:
 
     from packkv import PackKVConfig, compress_kv
     from packkv.kernels.encode import encode_kv
+    from packkv.store import PackedStore
 
     torch.manual_seed(0)
     t = args.tokens
     k, v = realistic_kv(1, 8, t, 128, "cuda")
     fp16_bytes = 2 * k.numel() * 2
     prefill_ms = layer_prefill_ms(t, args.quick)
-    step_ms = decode_attention_ms(t, args.quick)
+    sdpa_ms = sdpa_decode_ms(k, v, args.quick)
     rows = []
     for repack in ("median", "none", "greedy"):
         config = PackKVConfig(repack=repack)
+        s = config.block_size
         # Greedy is sequential per pack: time it on a 1/8 slice and scale, and say so.
         part = t if repack != "greedy" else t // 8
         ks, vs = k[:, :, :part].contiguous(), v[:, :, :part].contiguous()
-        packed = encode_kv(ks, vs, config)
         ref = compress_kv(ks[:, :, :1024], vs[:, :, :1024], config)
         fast = encode_kv(ks[:, :, :1024], vs[:, :, :1024], config)
-        assert torch.equal(fast.k.words, ref.k.words) and torch.equal(fast.v.words, ref.v.words), "kernel != reference"
-        ms = bench_ms(lambda: encode_kv(ks, vs, config), args.quick) * (t / part)
-        block_ms = bench_ms(lambda: encode_kv(k[:, :, :config.block_size], v[:, :, :config.block_size], config), args.quick)
+        for side in ("k", "v"):
+            for name, tensor in getattr(ref, side).tensors().items():
+                assert torch.equal(getattr(getattr(fast, side), name), tensor), f"kernel != reference: {side}.{name}"
+        encode_ms = bench_ms(lambda: encode_kv(ks, vs, config), args.quick) * (t / part)
+
+        # A store holding the prefill but a tail of buffer_size tokens (as the cache leaves
+        # it): decode attention over it and the tail, then one block at a time appended.
+        n_packed = (t - config.buffer_size) // s * s
+        store = PackedStore(config)
+        store.append(k[:, :, :n_packed], v[:, :, :n_packed])
+        tail_k, tail_v = k[:, :, n_packed:].contiguous(), v[:, :, n_packed:].contiguous()
+        packed_ms = packed_decode_ms(store, tail_k, tail_v, args.quick)
+        sizes = store_sizes(store)
+        block_k, block_v = tail_k[:, :, :s], tail_v[:, :, :s]
+        reps = (20 if args.quick else 200) if repack != "greedy" else (3 if args.quick else 10)
+        append_times(store, block_k, block_v, 3)  # warm-up
+        appended = append_times(store, block_k, block_v, reps)
+        per_token_ms = appended["append_ms"] / s
         rows.append({
-            "repack": repack, "tokens": t, "encode_ms": ms, "gbps_fp16_input": fp16_bytes / ms / 1e6,
-            "ratio": packed.fp16_nbytes / packed.nbytes, "prefill_layer_ms": prefill_ms,
-            "encode_vs_prefill": ms / prefill_ms, "block_encode_ms": block_ms,
-            "per_step_amortized_ms": block_ms / config.block_size, "decode_attention_ms": step_ms,
-            "per_step_vs_attention": block_ms / config.block_size / step_ms,
-            "scaled_from_tokens": part,
+            "repack": repack, "tokens": t, "encode_ms": encode_ms, "gbps_fp16_input": fp16_bytes / encode_ms / 1e6,
+            "encode_scaled_from_tokens": part, "prefill_layer_ms": prefill_ms, "encode_vs_prefill": encode_ms / prefill_ms,
+            **appended, "per_token_ms": per_token_ms,
+            "sdpa_decode_ms": sdpa_ms, "packed_decode_ms": packed_ms,
+            "per_token_vs_sdpa": per_token_ms / sdpa_ms, "per_token_vs_packed": per_token_ms / packed_ms,
+            **sizes, **{f"{key}_after_appends": value for key, value in store_sizes(store).items()},
         })
+        del store
+
     dev = torch.cuda.get_device_name()
-    print(f"\nencode, Llama-3.1-8B layer shapes (8 KV heads x 128), batch 1, {t} tokens, {dev}, {time.strftime('%Y-%m-%d')}")
-    head = f"{'repack':>7} {'encode ms':>10} {'GB/s in':>8} {'ratio':>6} {'vs prefill':>10} {'blk ms':>7} {'/step vs attn':>13}"
-    print(head)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"\nstore stage, Llama-3.1-8B layer (8 KV heads x 128), batch 1, {t} tokens, {dev}, "
+          f"torch {torch.__version__}, {date}")
+    print(f"{'repack':>7} {'encode ms':>9} {'GB/s in':>7} {'vs prefill':>10} | {'append ms':>9} {'mean':>6} "
+          f"{'host':>6} | {'/64 vs sdpa':>11} {'vs packed':>9} | {'ratio':>5} {'alloc/fp16':>10}")
     for r in rows:
-        note = f"  (timed on {r['scaled_from_tokens']} tokens, scaled)" if r["scaled_from_tokens"] != t else ""
-        print(f"{r['repack']:>7} {r['encode_ms']:>10.2f} {r['gbps_fp16_input']:>8.1f} {r['ratio']:>6.2f} "
-              f"{r['encode_vs_prefill']:>9.1%} {r['block_encode_ms']:>7.3f} {r['per_step_vs_attention']:>13.1%}{note}")
-    print(f"layer prefill (attention + MLP, sdpa, fp16): {prefill_ms:.2f} ms; decode attention step (SDPA): {step_ms:.3f} ms")
+        note = f"  (encode timed on {r['encode_scaled_from_tokens']} tokens, scaled)" if r["encode_scaled_from_tokens"] != t else ""
+        print(f"{r['repack']:>7} {r['encode_ms']:>9.2f} {r['gbps_fp16_input']:>7.1f} {r['encode_vs_prefill']:>10.1%} | "
+              f"{r['append_ms']:>9.3f} {r['append_mean_ms']:>6.3f} {r['append_host_ms']:>6.3f} | "
+              f"{r['per_token_vs_sdpa']:>11.2%} {r['per_token_vs_packed']:>9.2%} | "
+              f"{r['ratio']:>5.2f} {r['allocated_vs_fp16']:>10.3f}{note}")
+    print(f"layer prefill (attention + MLP, sdpa, fp16): {prefill_ms:.2f} ms; decode attention step at {t} tokens: "
+          f"fp16 SDPA {sdpa_ms:.3f} ms, packkv " + ", ".join(f"{r['repack']} {r['packed_decode_ms']:.3f} ms" for r in rows))
+    print(f"append: one block into a store of {rows[0]['store_tokens']}+ tokens (CUDA events, device idle before "
+          "each; mean includes pool growth); '/64 vs': append ms / block_size over one decode attention step; "
+          "alloc/fp16: the store's allocation over its tokens' fp16 bytes, after the prefill")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+            json.dump({"device": dev, "date": date, "torch": torch.__version__, "rows": rows}, f, indent=1)
     return 0
 
 

@@ -3,151 +3,60 @@
 A store keeps, for K and for V, the tensors of a :class:`PackedTensor` in buffers with
 spare capacity: the per-pack metadata (``offsets``, ``widths``, ``mins``) and the per-block
 ``scale`` / ``zero`` along their pack or block dimension, and the bit-plane words in one
-flat pool. Appending compresses the new blocks with the reference codec and copies the
-new packs' words to the end of the pool, adding the pool's used length to their offsets
-(the format lets offsets point anywhere in the pool). When a buffer is full it is
-reallocated at twice its capacity (or what the append needs, if more), so the cost of a
-token is amortized O(1) and nothing already stored is touched otherwise.
+flat pool. New packs' words go after the pool's used part (the format lets offsets point
+anywhere in the pool). A full buffer is reallocated at ``GROWTH`` times what it must hold,
+so a token's cost is amortized O(1) and nothing already stored is touched otherwise.
+
+Appending without a device sync. How many words a block takes depends on its values, so
+on the GPU (the fused encoder, :func:`packkv.kernels.encode.fused_serves`) the pool's used
+length lives on the device: the encoder's scan places the new packs after it and advances
+it. The host keeps an upper bound instead: the length it last read back, plus the most
+words every later append can take (a pack never takes more than
+:func:`~packkv.kernels.encode.pack_word_bound`, whatever its values). While that bound fits
+the pool, an append is three kernel launches and an asynchronous copy of the length to
+pinned memory, which has normally landed by the next append; when it does not fit, the
+append waits for the exact length (one sync) and grows the pool if it must. Growing leaves
+room for two blocks at their largest, so that the next append syncs nothing.
+
+Values the codec rejects (NaN, Inf, beyond +-65504) are found by the encoder kernel; the
+store reports them when it next reads the length back: the next :meth:`append`, or the
+first access to ``k``, ``v``, ``nbytes`` (which wait for it). It then drops the blocks from
+the first bad one on and raises the ``ValueError``: rejected values are never served. On
+the CPU (and for the reference codec) an append raises at once, before storing anything.
 
 ``k`` and ``v`` are :class:`PackedTensor` views of the used part: no copy, so their
-metadata tensors are not contiguous (they are slices of the capacity along dim 2); the
-word pool's used part is contiguous.
+metadata tensors are not contiguous (they are slices of the capacity along dim 2); the word
+pool's used part is contiguous. They need the exact used length, so they wait for the last
+append's read-back (already landed when the host has synced since, as
+``transformers``' ``generate`` does every step).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
-from .codec import PackedTensor
-from .kernels.encode import encode_kv
+from .codec import PackedKV, PackedTensor, check_kv
 from .config import PackKVConfig
+from .kernels.encode import (
+    NO_BAD_VALUE, empty_buffers, encode_blocks, encode_kv, fused_serves, new_counts, pack_blocks, pack_word_bound,
+)
 
-GROWTH = 2
+# Why 1.25: the spare capacity is at most a quarter of the used bytes (so the allocation of a
+# 4x-compressed cache stays under a third of its fp16 bytes), and a token is still copied
+# O(1) times: at most 1 / (GROWTH - 1) = 4 copies of the final allocation in all.
+GROWTH = 1.25
 # Offsets are int32 word indices (docs/format.md).
 MAX_WORDS = 2**31 - 1
 
 
-class _GrowingSide:
-    """The packed blocks of K or of V of one layer, with capacity.
-
-    Buffers: ``words`` int32 ``[word_capacity]``; ``offsets`` int32, ``widths`` and
-    ``mins`` uint8 ``[batch, heads, pack_capacity, ...]``; ``scale`` and ``zero`` fp16
-    ``[batch, heads, block_capacity, block_size or head_dim]``.
-    """
-
-    def __init__(self, first: PackedTensor, block_capacity: int) -> None:
-        self.grouping = first.grouping
-        self.block_size = first.block_size
-        self.pack_size = first.pack_size
-        self.min_bits = first.min_bits
-        self.packs_per_block = first.block_size // first.pack_size
-        self.n_blocks = 0
-        self.n_words = 0
-        self.reallocations = 0
-        # The PackedTensor view of the used part, rebuilt after every change (decode reads
-        # it once per layer and step: no need to slice six tensors each time).
-        self._view: PackedTensor | None = None
-        b, h = first.batch, first.heads
-        device = first.words.device
-        n_packs = block_capacity * self.packs_per_block
-        # Room for block_capacity blocks as wide as the first ones.
-        first_blocks = first.n_packs // self.packs_per_block
-        word_capacity = -(-first.words.numel() * block_capacity // first_blocks)
-        self.words = torch.zeros(max(word_capacity, 4), dtype=torch.int32, device=device)
-        self.meta = {
-            "offsets": torch.zeros(b, h, n_packs, dtype=torch.int32, device=device),
-            "widths": torch.zeros(b, h, n_packs, first.widths.shape[-1], dtype=torch.uint8, device=device),
-            "mins": torch.zeros(b, h, n_packs, first.mins.shape[-1], dtype=torch.uint8, device=device),
-            "scale": torch.zeros(b, h, block_capacity, first.scale.shape[-1], dtype=torch.float16, device=device),
-            "zero": torch.zeros(b, h, block_capacity, first.zero.shape[-1], dtype=torch.float16, device=device),
-        }
-
-    @property
-    def block_capacity(self) -> int:
-        return self.meta["scale"].shape[2]
-
-    @property
-    def n_packs(self) -> int:
-        return self.n_blocks * self.packs_per_block
-
-    def _used_rows(self, name: str) -> int:
-        return self.n_blocks if name in ("scale", "zero") else self.n_packs
-
-    def _grow_meta(self, blocks_needed: int) -> None:
-        capacity = max(GROWTH * self.block_capacity, blocks_needed)
-        for name, buf in self.meta.items():
-            rows = capacity if name in ("scale", "zero") else capacity * self.packs_per_block
-            new = buf.new_zeros(buf.shape[0], buf.shape[1], rows, *buf.shape[3:])
-            used = self._used_rows(name)
-            new[:, :, :used] = buf[:, :, :used]
-            self.meta[name] = new
-        self.reallocations += 1
-
-    def _grow_words(self, words_needed: int) -> None:
-        if words_needed > MAX_WORDS:
-            raise ValueError(
-                f"the store needs {words_needed} words, more than int32 offsets address ({MAX_WORDS})"
-            )
-        capacity = min(max(GROWTH * self.words.numel(), words_needed), MAX_WORDS)
-        new = self.words.new_zeros(capacity)
-        new[: self.n_words] = self.words[: self.n_words]
-        self.words = new
-        self.reallocations += 1
-
-    def append(self, packed: PackedTensor) -> None:
-        """Copy the blocks of ``packed`` (same batch, heads, head_dim, format) after the used part."""
-        new_blocks = packed.n_packs // self.packs_per_block
-        if self.n_blocks + new_blocks > self.block_capacity:
-            self._grow_meta(self.n_blocks + new_blocks)
-        if self.n_words + packed.words.numel() > self.words.numel():
-            self._grow_words(self.n_words + packed.words.numel())
-        p0, p1 = self.n_packs, self.n_packs + packed.n_packs
-        b0, b1 = self.n_blocks, self.n_blocks + new_blocks
-        self.words[self.n_words : self.n_words + packed.words.numel()] = packed.words
-        self.meta["offsets"][:, :, p0:p1] = packed.offsets + self.n_words
-        self.meta["widths"][:, :, p0:p1] = packed.widths
-        self.meta["mins"][:, :, p0:p1] = packed.mins
-        self.meta["scale"][:, :, b0:b1] = packed.scale
-        self.meta["zero"][:, :, b0:b1] = packed.zero
-        self.n_words += packed.words.numel()
-        self.n_blocks = b1
-        self._view = None
-
-    def view(self) -> PackedTensor:
-        if self._view is None:
-            used = {name: buf[:, :, : self._used_rows(name)] for name, buf in self.meta.items()}
-            self._view = PackedTensor(
-                words=self.words[: self.n_words], **used, grouping=self.grouping,
-                block_size=self.block_size, pack_size=self.pack_size, min_bits=self.min_bits,
-            )
-        return self._view
-
-    def select_batch(self, indices: torch.Tensor) -> None:
-        for name, buf in self.meta.items():
-            self.meta[name] = buf.index_select(0, indices.to(buf.device))
-        self._view = None
-
-    def truncate(self, n_blocks: int) -> None:
-        dropped = self.meta["offsets"][:, :, n_blocks * self.packs_per_block : self.n_packs]
-        if dropped.numel():
-            # Blocks are appended in order, so the dropped packs' words end the pool.
-            self.n_words = int(dropped.min())
-        self.n_blocks = n_blocks
-        self._view = None
-
-    def to(self, device: torch.device | str) -> None:
-        self.words = self.words.to(device)
-        self.meta = {name: buf.to(device) for name, buf in self.meta.items()}
-        self._view = None
-
-    @property
-    def nbytes(self) -> int:
-        return self.view().nbytes
-
-    @property
-    def allocated_nbytes(self) -> int:
-        bufs = [self.words, *self.meta.values()]
-        return sum(t.numel() * t.element_size() for t in bufs)
+def _grow_rows(t: torch.Tensor, used: int, rows: int) -> torch.Tensor:
+    """``t [batch, heads, capacity, ...]`` reallocated with ``rows`` rows, ``used`` of them kept."""
+    new = t.new_empty(t.shape[0], t.shape[1], rows, *t.shape[3:])
+    new[:, :, :used] = t[:, :, :used]
+    return new
 
 
 class PackedStore:
@@ -155,8 +64,7 @@ class PackedStore:
 
     Args:
         config: codec settings (``PackKVConfig()`` when None).
-        initial_blocks: blocks of capacity reserved at the first append (at least what
-            that append needs).
+        initial_blocks: the fewest blocks of metadata capacity a store allocates.
 
     The batch size, number of KV heads, head_dim and device are fixed by the first
     :meth:`append`. Tokens are held in packed order: inside each block the order of
@@ -168,9 +76,23 @@ class PackedStore:
             raise ValueError(f"initial_blocks must be a positive int, got {initial_blocks!r}")
         self.config = config or PackKVConfig()
         self.initial_blocks = initial_blocks
-        self._k: _GrowingSide | None = None
-        self._v: _GrowingSide | None = None
+        self._n_blocks = 0
+        self._reallocations = 0
+        # K's and V's buffers at capacity (None until the first append).
+        self._bufs: list[PackedTensor] | None = None
+        # int64 [4] on the device: words used in K's and V's pools, then the bad-value flags
+        # (see encode_blocks); read back into _host (pinned on CUDA) after each change.
+        self._counts: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        self._in_flight = False  # a read-back not yet folded into _used
+        # Words used in each pool at the last read-back (an upper bound after a truncation),
+        # and the most words the appends since then can have added to each.
+        self._used = [0, 0]
+        self._pending = 0
+        self._views: tuple[PackedTensor, PackedTensor] | None = None
 
+    # -- appending ---------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Compress whole blocks and store them after the ones already held.
 
@@ -188,101 +110,289 @@ class PackedStore:
             raise ValueError(f"k must be a tensor [batch, kv_heads, tokens, head_dim], got {getattr(k, 'shape', k)!r}")
         if k.shape[2] == 0 or k.shape[2] % s:
             raise ValueError(f"append takes whole blocks of {s} tokens, got {k.shape[2]} tokens")
-        if self._k is not None:
+        if self._bufs is not None:
             expect = (self.batch, self.heads, self.head_dim)
             got = (k.shape[0], k.shape[1], k.shape[3])
             if got != expect:
                 raise ValueError(f"append got (batch, heads, head_dim) = {got}, the store holds {expect}")
             if k.device != self.device:
                 raise ValueError(f"append got k on {k.device}, the store is on {self.device}")
-        # The fused GPU encoder on CUDA; the reference codec (identical output) on CPU.
+        check_kv(k, v, values=False)
+        if fused_serves(k, self.config):
+            return self._append_fused(k, v)
+        # The reference codec (on CUDA with the Triton packer) checks the values and syncs.
         packed, perm = encode_kv(k, v, self.config, return_permutation=True)
-        if self._k is None:
-            capacity = max(self.initial_blocks, k.shape[2] // s)
-            self._k = _GrowingSide(packed.k, capacity)
-            self._v = _GrowingSide(packed.v, capacity)
-        self._k.append(packed.k)
-        self._v.append(packed.v)
+        self._append_packed(packed)
         return perm
 
-    def _sides(self) -> tuple[_GrowingSide, _GrowingSide]:
-        if self._k is None or self._v is None:
+    def _prepare(self, batch: int, heads: int, head_dim: int, device: torch.device, new_blocks: int) -> None:
+        """Allocate at the first append; make room for ``new_blocks`` more blocks' metadata."""
+        if self._bufs is None:
+            blocks = max(self.initial_blocks, math.ceil(GROWTH * new_blocks))
+            self._bufs = [empty_buffers(batch, heads, blocks, head_dim, self.config, side, device) for side in "kv"]
+            self._counts = new_counts(device)
+            self._start_read_back(device)
+        self._reserve_blocks(self._n_blocks + new_blocks)
+        self._views = None
+
+    def _start_read_back(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self._host = torch.empty(4, dtype=torch.int64, pin_memory=cuda)
+        self._event = torch.cuda.Event() if cuda else None
+        self._in_flight = False
+
+    def _append_fused(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = k.shape
+        new_blocks = n // self.config.block_size
+        self._prepare(b, h, d, k.device, new_blocks)
+        self._fold()  # never waits; raises a rejected value of an earlier append
+        staged, perm = encode_blocks(k, v, self.config, *self._bufs, self._n_blocks, self._counts, self.n_tokens)
+        most = self._block_word_bound() * new_blocks
+        if all(used + self._pending + most <= buf.words.numel() for used, buf in zip(self._used, self._bufs)):
+            self._pending += most
+            pack_blocks(staged, *self._bufs, self._n_blocks)
+            self._read_back()
+        else:
+            # The one sync: the exact lengths, this append's packs included.
+            self._read_back()
+            self._settle()
+            for i, used in enumerate(self._used):
+                self._fit_words(i, used, keep=min(used, self._bufs[i].words.numel()))
+            pack_blocks(staged, *self._bufs, self._n_blocks)
+        self._n_blocks += new_blocks
+        return perm
+
+    def _append_packed(self, packed: PackedKV) -> None:
+        """Copy the blocks of ``packed`` (the reference codec's output) after the used part."""
+        new_blocks = packed.k.n_packs // self._packs_per_block
+        self._prepare(packed.k.batch, packed.k.heads, packed.k.head_dim, packed.k.words.device, new_blocks)
+        self._settle()
+        p0 = self._n_blocks * self._packs_per_block
+        p1 = p0 + new_blocks * self._packs_per_block
+        b0, b1 = self._n_blocks, self._n_blocks + new_blocks
+        for i, side in enumerate((packed.k, packed.v)):
+            used, n = self._used[i], side.words.numel()
+            self._fit_words(i, used + n, keep=used)
+            buf = self._bufs[i]
+            buf.words[used : used + n] = side.words
+            buf.offsets[:, :, p0:p1] = side.offsets + used
+            buf.widths[:, :, p0:p1] = side.widths
+            buf.mins[:, :, p0:p1] = side.mins
+            buf.scale[:, :, b0:b1] = side.scale
+            buf.zero[:, :, b0:b1] = side.zero
+            self._used[i] = used + n
+            self._counts[i] = used + n  # a fill on the device, no sync
+        self._n_blocks = b1
+
+    # -- capacity ----------------------------------------------------------------------------
+    @property
+    def _packs_per_block(self) -> int:
+        return self.config.block_size // self.config.pack_size
+
+    def _block_word_bound(self) -> int:
+        """The most words one block (every batch row and head) can add to a pool."""
+        return self.batch * self.heads * self._packs_per_block * pack_word_bound(self.head_dim, self.config.pack_size)
+
+    def _reserve_blocks(self, blocks: int) -> None:
+        capacity = self._bufs[0].scale.shape[2]
+        if blocks <= capacity:
+            return
+        rows = max(self.initial_blocks, math.ceil(GROWTH * blocks))
+        used, ppb = self._n_blocks, self._packs_per_block
+        self._bufs = [
+            replace(
+                buf, offsets=_grow_rows(buf.offsets, used * ppb, rows * ppb),
+                widths=_grow_rows(buf.widths, used * ppb, rows * ppb), mins=_grow_rows(buf.mins, used * ppb, rows * ppb),
+                scale=_grow_rows(buf.scale, used, rows), zero=_grow_rows(buf.zero, used, rows),
+            )
+            for buf in self._bufs
+        ]
+        self._reallocations += 2
+
+    def _fit_words(self, side: int, needed: int, keep: int) -> None:
+        """Make pool ``side`` hold ``needed`` words plus one block at its largest, keeping
+        its first ``keep`` words; a new pool holds GROWTH times ``needed``, or two blocks more."""
+        words = self._bufs[side].words
+        room = self._block_word_bound()
+        if needed + room <= words.numel():
+            return
+        if needed > MAX_WORDS:
+            self._recount(self._n_blocks)  # forget the words of an append that cannot be stored
+            raise ValueError(f"the store needs {needed} words, more than int32 offsets address ({MAX_WORDS})")
+        new = words.new_empty(min(max(math.ceil(GROWTH * needed), needed + 2 * room), MAX_WORDS))
+        new[:keep] = words[:keep]
+        self._bufs[side] = replace(self._bufs[side], words=new)
+        self._reallocations += 1
+
+    # -- the device's word counts ------------------------------------------------------------
+    def _read_back(self) -> None:
+        """Start copying the device's counts to the host (asynchronous on CUDA)."""
+        self._host.copy_(self._counts, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+        self._in_flight = True
+
+    def _fold(self, wait: bool = False) -> None:
+        """Take in the last read-back if it has landed, or (``wait``) once it has: the wait is
+        for that copy only, not for the whole device. Raises what it flags."""
+        if not self._in_flight:
+            return
+        if self._event is not None and not self._event.query():
+            if not wait:
+                return
+            self._event.synchronize()
+        # Through numpy: reading host memory, not a tensor op.
+        k_words, v_words, k_bad, v_bad = (int(x) for x in self._host.numpy())
+        self._used, self._pending, self._in_flight = [k_words, v_words], 0, False
+        if min(k_bad, v_bad) != NO_BAD_VALUE:
+            self._reject(k_bad, v_bad)
+
+    def _settle(self) -> None:
+        self._fold(wait=True)
+
+    def _reject(self, k_bad: int, v_bad: int) -> None:
+        name, key = ("k", k_bad) if k_bad <= v_bad else ("v", v_bad)
+        d, bh = self.head_dim, self.batch * self.heads
+        channel, bh_index, token = key % d, key // d % bh, key // d // bh
+        keep = min(self._n_blocks, token // self.config.block_size)
+        self._counts[2:] = NO_BAD_VALUE
+        self._recount(keep)
+        self._settle()
+        raise ValueError(
+            f"{name} has a non-finite value or one beyond the fp16 range at batch {bh_index // self.heads}, "
+            f"head {bh_index % self.heads}, token {token} of the store, channel {channel}; the store dropped "
+            f"its tokens from {keep * self.config.block_size} on"
+        )
+
+    def _recount(self, n_blocks: int) -> None:
+        """Keep ``n_blocks`` blocks; each pool's used length becomes the end of its last kept
+        pack's words, computed on the device (no sync) and read back."""
+        packs = n_blocks * self._packs_per_block
+        wpp = self.config.pack_size // 32
+        for i, buf in enumerate(self._bufs):
+            if packs == 0:
+                self._counts[i] = 0
+                continue
+            widths = buf.widths[:, :, :packs]
+            planes = (widths & 15).sum(-1, dtype=torch.int64) + (widths >> 4).sum(-1, dtype=torch.int64)
+            size = (planes * wpp + 3) // 4 * 4  # padded as bitpack pads
+            self._counts[i] = (buf.offsets[:, :, :packs].long() + size).amax()
+        self._n_blocks = n_blocks
+        self._views = None
+        self._read_back()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _sides(self) -> tuple[PackedTensor, PackedTensor]:
+        if self._bufs is None:
             raise RuntimeError("the store is empty: nothing has been appended yet")
-        return self._k, self._v
+        self._settle()
+        if self._views is None:
+            packs = self._n_blocks * self._packs_per_block
+            self._views = tuple(
+                replace(
+                    buf, words=buf.words[:used], offsets=buf.offsets[:, :, :packs], widths=buf.widths[:, :, :packs],
+                    mins=buf.mins[:, :, :packs], scale=buf.scale[:, :, : self._n_blocks],
+                    zero=buf.zero[:, :, : self._n_blocks],
+                )
+                for buf, used in zip(self._bufs, self._used)
+            )
+        return self._views
 
     @property
     def is_empty(self) -> bool:
-        return self._k is None or self._k.n_blocks == 0
+        return self._n_blocks == 0
 
     @property
     def k(self) -> PackedTensor:
         """The stored K blocks, a view (no copy) of the used part."""
-        return self._sides()[0].view()
+        return self._sides()[0]
 
     @property
     def v(self) -> PackedTensor:
         """The stored V blocks, a view (no copy) of the used part."""
-        return self._sides()[1].view()
+        return self._sides()[1]
 
     @property
     def n_blocks(self) -> int:
-        return 0 if self._k is None else self._k.n_blocks
+        return self._n_blocks
 
     @property
     def n_tokens(self) -> int:
         """Tokens stored (a multiple of block_size)."""
-        return self.n_blocks * self.config.block_size
+        return self._n_blocks * self.config.block_size
+
+    def _buffers(self) -> list[PackedTensor]:
+        if self._bufs is None:
+            raise RuntimeError("the store is empty: nothing has been appended yet")
+        return self._bufs
 
     @property
     def batch(self) -> int:
-        return self._sides()[0].meta["offsets"].shape[0]
+        return self._buffers()[0].batch
 
     @property
     def heads(self) -> int:
-        return self._sides()[0].meta["offsets"].shape[1]
+        return self._buffers()[0].heads
 
     @property
     def head_dim(self) -> int:
-        return self._sides()[0].meta["widths"].shape[-1] * 2
+        return self._buffers()[0].head_dim
 
     @property
     def device(self) -> torch.device:
-        return self._sides()[0].words.device
+        return self._buffers()[0].words.device
 
     @property
     def reallocations(self) -> int:
         """Buffer reallocations so far (each copies the used part once), K and V together."""
-        return 0 if self._k is None else self._k.reallocations + self._v.reallocations
+        return self._reallocations
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the used part: words in the pool, metadata, scales and zero points of K and V."""
-        return 0 if self._k is None else self._k.nbytes + self._v.nbytes
+        """Bytes of the used part: words in the pools, metadata, scales and zero points of K
+        and V. Exact: waits for the last append's read-back (see the module's docstring)."""
+        return 0 if self._bufs is None else sum(side.nbytes for side in self._sides())
 
     @property
     def allocated_nbytes(self) -> int:
-        """Bytes of every buffer at its capacity, K and V (>= ``nbytes``)."""
-        return 0 if self._k is None else self._k.allocated_nbytes + self._v.allocated_nbytes
+        """Bytes of every buffer at its capacity, K and V (>= ``nbytes``; never waits).
 
+        While the store only grows (no truncation, no smaller batch): at most
+        ``GROWTH * nbytes``, plus per pool room for two blocks at their largest and one word
+        (``_fit_words``), plus the metadata of ``initial_blocks`` blocks (``_reserve_blocks``).
+        """
+        return 0 if self._bufs is None else sum(buf.nbytes for buf in self._bufs)
+
+    # -- editing -----------------------------------------------------------------------------
     def select_batch(self, indices: torch.Tensor) -> None:
         """Keep (or repeat, or reorder) batch rows ``indices`` (int64 ``[new_batch]``), in place.
 
         Only the per-pack metadata moves; rows keep pointing into the shared word pool,
-        so words of dropped rows stay in the pool (and in ``nbytes``) until the store is freed.
+        so words of dropped rows stay in the pool (and in ``nbytes``) until a truncation
+        or the end of the store.
         """
-        for side in self._sides():
-            side.select_batch(indices)
+        self._bufs = [
+            replace(buf, **{name: t.index_select(0, indices.to(t.device)) for name, t in buf.tensors().items()
+                            if name != "words"})
+            for buf in self._buffers()
+        ]
+        self._views = None
 
     def truncate(self, n_blocks: int) -> None:
-        """Forget every block from ``n_blocks`` on; their words are given back to the pool."""
+        """Forget every block from ``n_blocks`` on; the words after the last kept pack go back
+        to the pool (no device sync)."""
         if not 0 <= n_blocks <= self.n_blocks:
             raise ValueError(f"n_blocks must be in [0, {self.n_blocks}], got {n_blocks}")
-        for side in self._sides():
-            side.truncate(n_blocks)
+        if self._bufs is not None:
+            self._fold()
+            self._recount(n_blocks)
 
     def to(self, device: torch.device | str) -> "PackedStore":
         """Move every buffer to ``device``, in place; returns self."""
-        if self._k is not None:
-            self._k.to(device)
-            self._v.to(device)
+        if self._bufs is not None:
+            self._settle()
+            self._bufs = [buf.to(device) for buf in self._bufs]
+            self._counts = self._counts.to(device)
+            self._start_read_back(self._counts.device)
+            self._views = None
         return self
