@@ -74,11 +74,11 @@ def layer_prefill_ms(tokens: int, quick: bool) -> float:
 
 
 def sdpa_decode_ms(k: torch.Tensor, v: torch.Tensor, quick: bool) -> float:
-    """One fp16 SDPA decode step, 32 query heads over ``k``, ``v`` [1, 8, T, 128]."""
+    """One fp16 SDPA decode step, 32 query heads over ``k``, ``v`` [1, 8, T, 128] (GQA: each KV
+    head read once, as bench_attention's baseline)."""
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
-    k, v = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
     f = torch.nn.functional.scaled_dot_product_attention
-    return bench_ms(lambda: f(q, k, v), quick)
+    return bench_ms(lambda: f(q, k, v, enable_gqa=True), quick)
 
 
 def packed_decode_ms(store, tail_k: torch.Tensor, tail_v: torch.Tensor, quick: bool) -> float:

@@ -6,25 +6,48 @@ longest context / largest batch each cache fits in the GPU?
 
 Model: ``LlamaConfig`` of Llama-3.1-8B (32 layers, hidden 4096, 32 query heads, 8 KV
 heads, head_dim 128, vocab 128256) with random fp16 weights; decode speed does not depend
-on weight values. ``--layers N`` keeps only N layers (the table says so). Prompts are
-random token ids. Prefill runs in chunks of at most ``--prefill-tokens`` batch-tokens for
-every cache alike; only the last position's logits are computed.
+on weight values. Prompts are random token ids. Prefill runs in chunks of at most
+``--prefill-tokens`` batch-tokens for every cache alike; only the last position's logits
+are computed. ``--layers N`` keeps only N layers (default 8, so that the table takes a
+few minutes; the header says so).
 
-Per (cache, context, batch): decode tokens/s over ``--decode-tokens`` greedy steps after
-2 warm-up steps (CUDA synchronized wall time; SDPA restricted to its flash and
-memory-efficient kernels, see ``sdpa_backends``); the cache's GPU bytes (allocated after the
-prefill minus before; on the CPU, --tiny, the bytes a DynamicCache/PackKVCache holds);
-peak allocated GPU memory (weights included) during the prefill and during the decode.
+Per (cache, context, batch), after the prefill: ``--warmup-steps`` greedy decode steps
+(by default a PackKV block's worth, so that every layer packs a block at its decode shape,
+and Triton compiles that variant, before the timing), then ``--decode-tokens`` timed steps
+(by default two blocks' worth: each layer packs exactly two blocks in them, the amortized
+rate). *tok/s*: batch x steps / CUDA-synchronized wall time; *ms/step* that time / steps;
+*med* and *max*: the median and longest step (CUDA events; on a GPU that keeps up with the
+host, a step that packs a block is the longest). SDPA is restricted to its flash and
+memory-efficient kernels (see ``sdpa_backends``). Bytes of the cache: *fp16* (its tokens
+as fp16 K and V), *stored* (what it holds: for PackKVCache ``stats()``' stored bytes, for
+the others their tensors), *alloc* (GPU memory allocated by the cache after the prefill,
+spare capacity included; on the CPU PackKVCache's ``allocated_bytes``); *ratio*: fp16 /
+stored. Peak allocated GPU memory (weights included) during the prefill and the decode.
 PackKVCache runs with ``attn_implementation="packkv"`` (decode: the fused Triton kernel on
-the packed cache) at the default PackKVConfig but median repacking (PackKV's throughput
-setting; greedy packs a little tighter and encodes far slower); the others run with
+the packed cache) at the default PackKVConfig (median repacking); the others with
 ``"sdpa"``. QuantizedCache rows appear for each backend that constructs here (quanto and
 hqq need their packages, fp8 a transformers release that has it), else a note says why.
+Before the table, one small run of each cache compiles the kernels (prefill appends of
+16 and of 17 blocks, decode appends of one), so that *prefill s* is not compile time.
+
+``--fit``: with ``--fit-layers`` layers (default 32, the whole model), the longest context
+at the largest ``--batches`` and the largest batch at the longest ``--contexts`` each cache
+holds in the GPU memory together with a decode step. A probe fills a fresh cache directly
+with K and V that the model computed for a real 4096-token prompt, tiled to the size (no
+prefill attention: a prefill can be chunked as finely as memory needs, and a 32-layer
+prefill of 100K+ tokens would take minutes), then runs two decode steps; it fits if
+nothing runs out of memory. So it bounds what decode holds, not a prefill: PackKVCache's
+prefill attends a chunk over its history decoded to fp16 (with K and V repeated for the
+GQA group), one layer at a time, which takes more at the longest contexts. The search starts at a prediction (free memory / the bytes a
+token took in a calibration fill) and narrows it to ``--fit-context-step`` tokens or one
+batch row, at most ``--fit-probes`` probes per answer; it reports the largest size that
+fitted, with the smallest that did not, or the cap (the model's 131072 positions, or
+1024 rows). On the CPU (``--tiny``) a pretend memory of 4 MiB for the cache stands in.
 
     PYTHONPATH=src python3 benchmarks/bench_generate.py --json out.json
     PYTHONPATH=src python3 benchmarks/bench_generate.py --quick
     PYTHONPATH=src python3 benchmarks/bench_generate.py --fit --contexts 32768 --batches 8
-    PYTHONPATH=src python3 benchmarks/bench_generate.py --tiny   # CPU check, tiny model
+    PYTHONPATH=src python3 benchmarks/bench_generate.py --tiny --fit   # CPU check, tiny model
 """
 
 from __future__ import annotations
@@ -33,7 +56,9 @@ import argparse
 import datetime
 import gc
 import json
+import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -45,9 +70,22 @@ from packkv import PackKVConfig
 from packkv.cache import PackKVCache
 
 GiB = 2**30
-# PackKV's throughput setting: median repacking (greedy packs a little tighter, far slower to encode).
-BENCH_PACKKV = PackKVConfig(repack="median")
+MiB = 2**20
+# The default: median repacking, PackKV's throughput setting (greedy packs 1-2% tighter and
+# encodes far slower).
+BENCH_PACKKV = PackKVConfig()
 QUANTIZED_BACKENDS = (("quanto", {"nbits": 4}), ("hqq", {"nbits": 4}), ("fp8", {}))
+# The compile warm-up: a prompt whose first chunk leaves 17 blocks to pack and whose second
+# 16 (Triton specializes integer arguments on divisibility by 16), then a block of decode.
+WARM_CHUNK = BENCH_PACKKV.buffer_size + 17 * BENCH_PACKKV.block_size
+WARM_CONTEXT = WARM_CHUNK + 16 * BENCH_PACKKV.block_size
+# The largest batch --fit tries.
+BATCH_LIMIT = 1024
+# Tokens of the real prompt whose K and V fill the caches of a --fit probe.
+FIT_SOURCE_TOKENS = 4096
+# Fraction of the free memory a --fit prediction plans the cache in (the rest: the decode
+# step's activations and the allocator's rounding).
+FIT_MARGIN = 0.92
 
 
 def llama_8b_config(layers: int) -> LlamaConfig:
@@ -58,9 +96,9 @@ def llama_8b_config(layers: int) -> LlamaConfig:
     )
 
 
-def tiny_config() -> LlamaConfig:
+def tiny_config(layers: int) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
     )
 
@@ -91,12 +129,16 @@ class Row:
     batch: int
     status: str  # "ok", "OOM" or an error message
     decode_tok_s: float = 0.0
-    ms_per_step: float = 0.0
-    cache_gib: float = 0.0
+    ms_per_step: float = 0.0  # mean over the timed steps
+    ms_step_median: float = 0.0
+    ms_step_max: float = 0.0
+    fp16_gib: float = 0.0  # the cache's tokens as fp16 K and V
+    stored_gib: float = 0.0  # what the cache holds
+    alloc_gib: float = 0.0  # GPU memory the cache allocated (on the CPU: its allocated_bytes)
     prefill_peak_gib: float = 0.0  # peak allocated GPU memory during the prefill (weights included)
     decode_peak_gib: float = 0.0  # the same during the decode steps
     prefill_s: float = 0.0
-    packed_ratio: float = 0.0  # PackKVCache: fp16 bytes / stored bytes
+    ratio: float = 0.0  # fp16 / stored
 
 
 def cache_makers(model: LlamaForCausalLM, wanted: list[str]) -> tuple[dict[str, tuple[str, Callable]], list[str]]:
@@ -122,9 +164,12 @@ def cache_makers(model: LlamaForCausalLM, wanted: list[str]) -> tuple[dict[str, 
 
 
 def sdpa_backends(device: torch.device):
-    """Flash and memory-efficient SDPA (math as a fallback), not cuDNN, on CUDA."""
-    from contextlib import nullcontext
+    """Flash and memory-efficient SDPA (math as a fallback), not cuDNN, on CUDA.
 
+    torch 2.11 picks cuDNN attention for one-token SDPA calls and rebuilds its plan on the
+    CPU at every step (7 ms a call seen on the H100), which would make every cache's decode
+    CPU-bound; flash / memory-efficient SDPA is what serving stacks use.
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if device.type != "cuda":
@@ -141,48 +186,91 @@ def allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-@torch.no_grad()
-def run_one(model, make_cache, context: int, batch: int, decode_tokens: int, prefill_tokens: int, device) -> Row:
-    """Prefill ``batch`` random prompts of ``context`` tokens, then time greedy decode steps."""
-    gen = torch.Generator(device="cpu").manual_seed(context + batch)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cache_bytes(cache, batch: int, config: LlamaConfig) -> dict[str, int]:
+    """``fp16``, ``stored`` and ``allocated`` bytes of a cache of ``batch`` rows, from the cache itself."""
+    if isinstance(cache, PackKVCache):
+        total = cache.stats()["total"]
+        return {"fp16": total["fp16_bytes"], "stored": total["stored_bytes"], "allocated": total["allocated_bytes"]}
+    # Other caches: the tensors their layers hold (quantized ones keep (data, scale) tuples).
+    held = [x for layer in cache.layers for v in vars(layer).values() for x in (v if isinstance(v, tuple) else (v,))]
+    stored = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
+    fp16 = 2 * 2 * batch * config.num_key_value_heads * cache.get_seq_length() * config.head_dim * len(cache.layers)
+    return {"fp16": fp16, "stored": stored, "allocated": stored}
+
+
+@torch.no_grad()
+def decode(model, cache, nxt: torch.Tensor, steps: int, device: torch.device) -> tuple[torch.Tensor, list[float]]:
+    """``steps`` greedy decode steps from tokens ``nxt [batch, 1]``; the last tokens and each
+    step's milliseconds (CUDA events: the steps are not synchronized one by one)."""
+    times = []
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            events[i + 1].record()
+        sync(device)
+        times = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    else:
+        for _ in range(steps):
+            start = time.perf_counter()
+            nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            times.append(1e3 * (time.perf_counter() - start))
+    return nxt, times
+
+
+@torch.no_grad()
+def run_one(model, make_cache, context: int, batch: int, args, device) -> Row:
+    """Prefill ``batch`` random prompts of ``context`` tokens, then warm up and time greedy decode steps."""
+    gen = torch.Generator(device="cpu").manual_seed(context + batch)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    reset_peak(device)
     before = allocated(device)
     cache = make_cache()
-    chunk = max(1, prefill_tokens // batch)
+    chunk = max(1, args.prefill_tokens // batch)
     sync(device)
     start = time.perf_counter()
     for lo in range(0, context, chunk):
         logits = model(prompt[:, lo : lo + chunk], past_key_values=cache, logits_to_keep=1).logits
     sync(device)
     prefill_s = time.perf_counter() - start
-    cache_bytes = allocated(device) - before - logits.numel() * logits.element_size() if device.type == "cuda" else 0
+    alloc = allocated(device) - before - logits.numel() * logits.element_size()
     del prompt
     nxt = logits[:, -1:].argmax(-1)
-    if device.type == "cuda":
-        prefill_peak = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(2 + decode_tokens):
-        if i == 2:
-            sync(device)
-            start = time.perf_counter()
-        nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    del logits
+    prefill_peak = peak(device)
+    reset_peak(device)
+    nxt, _ = decode(model, cache, nxt, args.warmup_steps, device)
     sync(device)
+    start = time.perf_counter()
+    nxt, times = decode(model, cache, nxt, args.decode_tokens, device)
     elapsed = time.perf_counter() - start
-    ratio = 0.0
-    if isinstance(cache, PackKVCache):
-        ratio = cache.stats()["total"]["ratio"]
-        if device.type != "cuda":
-            cache_bytes = cache.nbytes()
-    elif device.type != "cuda" and isinstance(cache, DynamicCache):
-        cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    decode_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    decode_peak = peak(device)
+    sizes = cache_bytes(cache, batch, model.config)
+    if device.type != "cuda":
+        alloc = sizes["allocated"]
     return Row(
         cache="", context=context, batch=batch, status="ok",
-        decode_tok_s=batch * decode_tokens / elapsed, ms_per_step=1e3 * elapsed / decode_tokens,
-        cache_gib=cache_bytes / GiB, prefill_peak_gib=prefill_peak / GiB if device.type == "cuda" else 0.0,
-        decode_peak_gib=decode_peak / GiB, prefill_s=prefill_s, packed_ratio=ratio,
+        decode_tok_s=batch * args.decode_tokens / elapsed, ms_per_step=1e3 * elapsed / args.decode_tokens,
+        ms_step_median=statistics.median(times), ms_step_max=max(times),
+        fp16_gib=sizes["fp16"] / GiB, stored_gib=sizes["stored"] / GiB, alloc_gib=alloc / GiB,
+        prefill_peak_gib=prefill_peak / GiB, decode_peak_gib=decode_peak / GiB, prefill_s=prefill_s,
+        ratio=sizes["fp16"] / sizes["stored"] if sizes["stored"] else 0.0,
     )
 
 
@@ -190,123 +278,281 @@ def guarded(model, label, attn, make_cache, context, batch, args, device) -> Row
     """``run_one`` that turns an out-of-memory error into a row, and frees everything after."""
     set_attention(model, attn)
     try:
-        row = run_one(model, make_cache, context, batch, args.decode_tokens, args.prefill_tokens, device)
+        row = run_one(model, make_cache, context, batch, args, device)
     except torch.OutOfMemoryError:
         row = Row(cache=label, context=context, batch=batch, status="OOM")
     except Exception as e:  # a cache that fails at this size: report it, keep going
         row = Row(cache=label, context=context, batch=batch, status=f"{type(e).__name__}: {str(e)[:100]}")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     row.cache = label
     return row
 
 
-def fits(model, attn, make_cache, context, batch, args, device) -> bool:
-    probe = argparse.Namespace(decode_tokens=1, prefill_tokens=args.prefill_tokens)
-    return guarded(model, "", attn, make_cache, context, batch, probe, device).status == "ok"
+def warm_up(model, makers, args, device) -> None:
+    """Compile every kernel the table's runs will meet, outside the table (see WARM_CONTEXT)."""
+    warm = argparse.Namespace(prefill_tokens=WARM_CHUNK, warmup_steps=0, decode_tokens=BENCH_PACKKV.block_size + 2)
+    for label, (attn, make) in makers.items():
+        row = guarded(model, label, attn, make, WARM_CONTEXT, 1, warm, device)
+        if row.status != "ok":
+            print(f"warm-up of {label} failed: {row.status}")
 
 
-def largest(ok: Callable[[int], bool], start: int, limit: int, step: int) -> int:
-    """Largest multiple of ``step`` in [start, limit] with ``ok`` (0 if none): doubling, then bisection."""
-    if not ok(start):
-        return 0
-    lo, hi = start, None
-    while hi is None:
-        nxt = min(2 * lo, limit)
-        if nxt == lo:
-            return lo
+# -- --fit ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def source_kv(model, tokens: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the K (after RoPE) and V ``[1, kv_heads, tokens, head_dim]`` of a random prompt."""
+    set_attention(model, "sdpa")
+    prompt = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    model(prompt.to(device), past_key_values=cache, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def tiled(src: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """Tokens ``[start, start + n)`` of ``src [1, h, S, d]`` repeated along the tokens."""
+    s = src.shape[2]
+    first = start % s
+    return src.repeat(1, 1, -(-(first + n) // s), 1)[:, :, first : first + n]
+
+
+def fill(cache, sources, batch: int, context: int) -> None:
+    """Put ``context`` tokens of tiled ``sources`` K/V in every layer of ``cache``, for ``batch`` rows."""
+    for i, (k_src, v_src) in enumerate(sources):
+        h, d = k_src.shape[1], k_src.shape[3]
+        if not isinstance(cache, PackKVCache):
+            k, v = tiled(k_src, 0, context), tiled(v_src, 0, context)
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)
+            continue
+        layer, s = cache.layers[i], cache.packkv_config.block_size
+        # Chunks of at most 2**26 elements, whole blocks: the fp16 staging stays small.
+        chunk = max(s, min(context, 2**26 // (batch * h * d)) // s * s)
+        for lo in range(0, context, chunk):
+            n = min(chunk, context - lo)
+            layer.update(tiled(k_src, lo, n).expand(batch, -1, -1, -1), tiled(v_src, lo, n).expand(batch, -1, -1, -1))
+            layer.settle(None)
+
+
+@dataclass
+class Probe:
+    batch: int
+    context: int
+    fits: bool
+    cache_gib: float  # allocated by the filled cache (CUDA allocator; on the CPU, the cache's own count)
+    seconds: float
+    error: str = ""  # why it did not fit: "OOM", "over the budget", or an error message
+
+
+def probe(model, attn, make_cache, sources, batch, context, device, budget: int | None) -> Probe:
+    """Fill a cache to (batch, context), run two decode steps; ``fits`` unless out of memory
+    (on the CPU: unless the cache's allocated bytes exceed ``budget``)."""
+    set_attention(model, attn)
+    start = time.perf_counter()
+    cache, size, error = None, 0, ""
+    try:
+        before = allocated(device)
+        cache = make_cache()
+        fill(cache, sources, batch, context)
+        sync(device)
+        if device.type == "cuda":
+            size = allocated(device) - before
+        else:
+            size = cache_bytes(cache, batch, model.config)["allocated"]
+        nxt = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+        decode(model, cache, nxt, 2, device)
+        if budget is not None and size > budget:
+            error = "over the budget"
+    except torch.OutOfMemoryError:
+        error = "OOM"
+    except Exception as e:  # e.g. a store past its int32 word offsets: it does not fit either
+        error = f"{type(e).__name__}: {str(e)[:100]}"
+    del cache
+    free_memory(device)
+    return Probe(batch, context, not error, size / GiB, time.perf_counter() - start, error)
+
+
+def largest(ok: Callable[[int], bool], guess: int, limit: int, step: int, max_probes: int) -> tuple[int, int | None]:
+    """Largest multiple of ``step`` in [step, limit] with ``ok`` (0 if none was found), and the
+    smallest size that failed (None if none did).
+
+    ``guess`` first (a prediction, usually close); then 15% lower while nothing has fitted,
+    15% higher while nothing has failed, else bisection between the largest size that fitted
+    and the smallest that did not. At most ``max_probes`` calls of ``ok``.
+    """
+    lo, hi = 0, limit + step  # lo fitted (0: none yet), hi did not (limit + step: none yet)
+    nxt = max(step, min(limit, guess // step * step))
+    for _ in range(max_probes):
         if ok(nxt):
             lo = nxt
         else:
             hi = nxt
-    while hi - lo > step:
-        mid = (lo + hi) // 2 // step * step
-        if mid <= lo:
+        if lo == 0:
+            nxt = int(0.85 * hi) // step * step
+        elif hi > limit:
+            nxt = min(limit, max(lo + step, int(1.15 * lo) // step * step))
+        else:
+            nxt = (lo + hi) // 2 // step * step
+        if hi - lo <= step or not lo < nxt < hi or nxt < step:
             break
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    return lo, hi if hi <= limit else None
 
 
-def print_table(rows: list[Row], header: str) -> None:
-    print(header)
-    print(f"{'cache':<18}{'context':>9}{'batch':>6}{'status':>8}{'tok/s':>10}{'ms/step':>9}"
-          f"{'cache GiB':>11}{'peak prefill':>14}{'peak decode':>13}{'prefill s':>11}{'ratio':>7}")
-    for r in rows:
-        if r.status != "ok":
-            print(f"{r.cache:<18}{r.context:>9}{r.batch:>6}  {r.status}")
+def fit(model, makers, args, device, budget: int | None) -> tuple[list[dict], int]:
+    """The longest context and the largest batch each cache holds with a decode step (see
+    --fit), and the free bytes it planned with."""
+    sources = source_kv(model, min(FIT_SOURCE_TOKENS, model.config.max_position_embeddings // 2), device)
+    free_memory(device)
+    free = torch.cuda.mem_get_info(device)[0] if budget is None else budget
+    batch, context = max(args.batches), max(args.contexts)
+    step, limit_context = args.fit_context_step, model.config.max_position_embeddings
+    results = []
+    for label, (attn, make) in makers.items():
+        probes: list[Probe] = []
+
+        def ok(b, c):
+            probes.append(probe(model, attn, make, sources, b, c, device, budget))
+            p = probes[-1]
+            print(f"  probe {label:<16} batch {b:>5} context {c:>7}: {'fits' if p.fits else 'no, ' + p.error}"
+                  f" ({p.cache_gib:.2f} GiB cache, {p.seconds:.1f} s)", flush=True)
+            return p.fits
+
+        if not ok(1, args.fit_calibration):
+            print(f"  {label}: the calibration fill does not fit; no search")
             continue
-        print(f"{r.cache:<18}{r.context:>9}{r.batch:>6}{'ok':>8}{r.decode_tok_s:>10.1f}{r.ms_per_step:>9.2f}"
-              f"{r.cache_gib:>11.3f}{r.prefill_peak_gib:>14.2f}{r.decode_peak_gib:>13.2f}{r.prefill_s:>11.2f}"
-              f"{r.packed_ratio or float('nan'):>7.2f}")
+        per_token = probes[0].cache_gib * GiB / args.fit_calibration  # bytes a token of one row takes
+        margin = FIT_MARGIN if budget is None else 1.0
+        longest, context_failed = largest(lambda c: ok(batch, c), int(margin * free / (batch * per_token)),
+                                          limit_context, step, args.fit_probes)
+        widest, batch_failed = largest(lambda b: ok(b, context), int(margin * free / (context * per_token)),
+                                       BATCH_LIMIT, 1, args.fit_probes)
+        results.append({
+            "cache": label, "kib_per_token": per_token / 1024, "free_gib": free / GiB,
+            "batch": batch, "longest_context": longest, "context_failed": context_failed,
+            "context_limit": limit_context,
+            "context": context, "largest_batch": widest, "batch_failed": batch_failed, "batch_limit": BATCH_LIMIT,
+            "probes": [asdict(p) for p in probes],
+        })
+    return results, free
+
+
+# -- output -----------------------------------------------------------------------------------------
+
+TABLE_HEAD = (f"{'cache':<18}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'med':>7}{'max':>7}"
+              f"{'fp16 GiB':>10}{'stored':>8}{'alloc':>8}{'ratio':>7}{'peak pre':>10}{'peak dec':>10}{'prefill s':>11}")
+
+
+def table_line(r: Row) -> str:
+    if r.status != "ok":
+        return f"{r.cache:<18}{r.context:>8}{r.batch:>6}  {r.status}"
+    return (f"{r.cache:<18}{r.context:>8}{r.batch:>6}{r.decode_tok_s:>9.1f}{r.ms_per_step:>9.2f}"
+            f"{r.ms_step_median:>7.2f}{r.ms_step_max:>7.2f}{r.fp16_gib:>10.3f}{r.stored_gib:>8.3f}"
+            f"{r.alloc_gib:>8.3f}{r.ratio:>7.2f}{r.prefill_peak_gib:>10.2f}{r.decode_peak_gib:>10.2f}"
+            f"{r.prefill_s:>11.2f}")
+
+
+def bound(found: int, failed: int | None, limit: int) -> str:
+    """``found``, with what is known above it."""
+    if failed is not None:
+        return f"{found} ({failed} did not fit)"
+    return f"{found} (the limit)" if found == limit else f"{found} (more not tried)"
+
+
+def print_fit(results: list[dict], layers: int, free: int) -> None:
+    print(f"fit: {layers} layers, the cache and two decode steps in {free / GiB:.3g} GiB free "
+          "(probes above; the first of each cache calibrates)")
+    for r in results:
+        print(f"  {r['cache']:<16} {r['kib_per_token']:8.1f} KiB a token-row | longest context at batch {r['batch']}: "
+              f"{bound(r['longest_context'], r['context_failed'], r['context_limit'])} | largest batch at context "
+              f"{r['context']}: {bound(r['largest_batch'], r['batch_failed'], r['batch_limit'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama on the CPU (a check of the script)")
-    parser.add_argument("--quick", action="store_true", help="4K context only, fewer decode steps")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers kept (Llama-3.1-8B has 32)")
-    parser.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 32768, 65536])
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--quick", action="store_true", help="the first context only, fewer decode steps")
+    parser.add_argument("--layers", type=int, default=8, help="decoder layers kept for the table (Llama-3.1-8B has 32)")
+    parser.add_argument("--contexts", type=ints, default=[4096, 32768, 65536])
+    parser.add_argument("--batches", type=ints, default=[1, 8])
     parser.add_argument("--caches", type=lambda s: s.split(","), default=["dynamic", "quantized", "packkv"])
-    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=2 * BENCH_PACKKV.block_size, help="timed decode steps")
+    parser.add_argument("--warmup-steps", type=int, default=BENCH_PACKKV.block_size + 2,
+                        help="untimed decode steps before them")
     parser.add_argument("--prefill-tokens", type=int, default=32768, help="batch x tokens of one prefill chunk")
     parser.add_argument("--fit", action="store_true",
-                        help="also search the longest context (at the largest --batches) and the largest batch "
-                             "(at the largest --contexts) each cache fits (CUDA only)")
+                        help="also find the longest context / largest batch each cache fits")
+    parser.add_argument("--fit-layers", type=int, default=32, help="decoder layers of the --fit model")
+    parser.add_argument("--fit-context-step", type=int, default=4096, help="granularity of the longest context")
+    parser.add_argument("--fit-probes", type=int, default=5, help="most probes for each --fit answer")
+    parser.add_argument("--fit-calibration", type=int, default=16384, help="tokens of the calibration fill")
     parser.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON")
     args = parser.parse_args()
+    if args.decode_tokens < 1 or args.warmup_steps < 0 or args.prefill_tokens < 1 or args.fit_probes < 1:
+        parser.error("--decode-tokens, --prefill-tokens and --fit-probes must be >= 1, --warmup-steps >= 0")
 
+    budget = None
     if args.tiny:
-        device, dtype, config = torch.device("cpu"), torch.float16, tiny_config()
+        device, dtype = torch.device("cpu"), torch.float16
+        make_config, budget = tiny_config, 4 * MiB  # a pretend memory for --fit on the CPU
         if args.contexts == parser.get_default("contexts"):
             args.contexts = [256, 512]
         if args.batches == parser.get_default("batches"):
             args.batches = [1, 2]
-        args.decode_tokens = min(args.decode_tokens, 4)
+        args.layers, args.fit_layers = min(args.layers, 2), min(args.fit_layers, 2)
+        args.decode_tokens, args.warmup_steps = min(args.decode_tokens, 8), min(args.warmup_steps, 2)
         args.prefill_tokens = min(args.prefill_tokens, 512)
+        args.fit_context_step, args.fit_calibration = min(args.fit_context_step, 256), min(args.fit_calibration, 512)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_generate.py needs a CUDA GPU (or --tiny for a CPU check)")
-        device, dtype, config = torch.device("cuda"), torch.float16, llama_8b_config(args.layers)
+        device, dtype, make_config = torch.device("cuda"), torch.float16, llama_8b_config
     if args.quick:
         args.contexts = args.contexts[:1]
-        args.decode_tokens = min(args.decode_tokens, 8)
+        args.decode_tokens = min(args.decode_tokens, BENCH_PACKKV.block_size)
 
-    model = build_model(config, device, dtype)
+    model = build_model(make_config(args.layers), device, dtype)
     makers, notes = cache_makers(model, args.caches)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    shape = "tiny Llama (2 layers)" if args.tiny else f"Llama-3.1-8B shape, {args.layers} of 32 layers"
+    shape = f"tiny Llama ({args.layers} layers)" if args.tiny else f"Llama-3.1-8B shape, {args.layers} of 32 layers"
     header = (f"bench_generate: {shape}, random fp16 weights, {device_name}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-              f"PackKV {BENCH_PACKKV}")
-    # torch 2.11 picks cuDNN attention for one-token SDPA calls and rebuilds its plan on
-    # the CPU at every step (7 ms a call seen on the H100), which would make every cache's
-    # decode CPU-bound; flash / memory-efficient SDPA is what serving stacks use.
+              f"{args.warmup_steps} warm-up + {args.decode_tokens} timed decode steps, PackKV {BENCH_PACKKV}")
+    report = {"header": header, "args": vars(args), "notes": notes, "packkv_config": BENCH_PACKKV.to_dict(),
+              "rows": [], "fit": []}
+
+    def save() -> None:
+        # After the table and again after --fit: a run cut short keeps what it measured.
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+    start = time.perf_counter()
+    print(header)
     with sdpa_backends(device):
-        rows = [guarded(model, label, attn, make, c, b, args, device)
-                for c in args.contexts for b in args.batches for label, (attn, make) in makers.items()]
-    print_table(rows, header)
+        warm_up(model, makers, args, device)
+        print(TABLE_HEAD, flush=True)
+        for c in args.contexts:
+            for b in args.batches:
+                for label, (attn, make) in makers.items():
+                    row = guarded(model, label, attn, make, c, b, args, device)
+                    report["rows"].append(asdict(row))
+                    print(table_line(row), flush=True)
     for note in notes:
         print("note:", note)
+    print(f"table: {time.perf_counter() - start:.0f} s", flush=True)
+    save()
 
-    limits = []
-    if args.fit and device.type == "cuda":
-        batch, context = max(args.batches), max(args.contexts)
-        step = 4096
-        for label, (attn, make) in makers.items():
-            longest = largest(lambda c: fits(model, attn, make, c, batch, args, device),
-                              step, config.max_position_embeddings, step)
-            widest = largest(lambda b: fits(model, attn, make, context, b, args, device), 1, 1024, 1)
-            limits.append({"cache": label, "longest_context_at_batch": batch, "longest_context": longest,
-                           "largest_batch_at_context": context, "largest_batch": widest})
-            print(f"fit {label:<18} longest context at batch {batch}: {longest:>7}   "
-                  f"largest batch at context {context}: {widest}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"header": header, "args": vars(args), "notes": notes, "packkv_config": BENCH_PACKKV.to_dict(),
-                       "rows": [asdict(r) for r in rows], "fit": limits}, f, indent=1)
-
+    if args.fit:
+        start = time.perf_counter()
+        del model, makers  # the makers hold the model too
+        free_memory(device)
+        model = build_model(make_config(args.fit_layers), device, dtype)
+        makers, _ = cache_makers(model, args.caches)
+        with sdpa_backends(device):
+            report["fit"], free = fit(model, makers, args, device, budget)
+        print_fit(report["fit"], args.fit_layers, free)
+        print(f"fit: {time.perf_counter() - start:.0f} s")
+        save()
 
 if __name__ == "__main__":
     main()

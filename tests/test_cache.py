@@ -1,15 +1,21 @@
 """PackKVCache and the "packkv" attention on a tiny random Llama (GQA: 4 query heads, 2 KV heads)."""
 
+import collections
+import copy
+import gc
 import os
 import sys
+import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 import packkv.cache  # noqa: F401  (registers "packkv")
 from packkv import PackKVConfig
 from packkv.cache import PackKVCache
+from packkv.store import PackedStore
 
 VOCAB = 500
 # Near-lossless: steps of 1/1000 of each group's range.
@@ -123,6 +129,109 @@ def test_left_padding_is_masked_in_packed_order(model):
         assert (got - want).abs().max() < 2e-3
 
 
+class CacheOps(TorchDispatchMode):
+    """Counts the torch ops that are not views inside the cache's parts of a step (the
+    layer's ``update`` and ``settle``, the attention's ``_decode`` / ``_prefill``), except
+    inside ``decode_attention`` and ``PackedStore.append`` (the kernels' and the codec's
+    own); ``syncs`` are the ops whose output the host must wait for (``.item()``,
+    ``bool(t)``, ``nonzero``...)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.syncs = collections.Counter()
+        self.depth = 0
+        for owner, name, inside in (
+            (packkv.cache.PackKVLayer, "update", 1), (packkv.cache.PackKVLayer, "settle", 1),
+            (packkv.cache, "_decode", 1), (packkv.cache, "_prefill", 1),
+            (packkv.cache, "decode_attention", -1), (PackedStore, "append", -1),
+        ):
+            monkeypatch.setattr(owner, name, self.counted(getattr(owner, name), inside))
+
+    def counted(self, fn, inside):
+        def run(*args, **kwargs):
+            self.depth += inside
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= inside
+        return run
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.depth > 0 and not func.is_view:
+            tags = set(func.tags)
+            sync = torch.Tag.data_dependent_output in tags or torch.Tag.dynamic_output_shape in tags
+            (self.syncs if sync else self.ops)[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def valid_capacity(layer):
+    return None if layer._valid is None else layer._valid.shape[2]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pads", [[0, 0], [0, 37]])
+def test_decode_step_appends_in_place_without_host_syncs(model, monkeypatch, pads):
+    """Per layer, a decode step of the cache (outside the kernels and the codec) is two
+    one-token copies into the preallocated buffer and no host sync, padded batch or not;
+    a step that packs a block moves the rest of the buffer, still without a sync. In fp16,
+    as on a GPU (an fp32 model's query and buffer are rounded to fp16 for the kernels)."""
+    model = copy.deepcopy(model).half()
+    ids = tokens(2, 150, seed=16)
+    mask = left_padded(ids, pads)
+    cache = PackKVCache(model.config, FINE)
+    step(model, cache, ids, mask)
+    layer = cache.layers[0]
+    assert (layer.valid_mask() is None) == (pads == [0, 0])
+    counter = CacheOps(monkeypatch)
+    seen_compression, mask_growths = False, 0
+    for i in range(20):  # the buffer goes 54 -> 63 tokens, a block is packed, 32 -> 42
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        storage, blocks, mask_capacity = layer.k_buffer.data_ptr(), layer.store.n_blocks, valid_capacity(layer)
+        counter.ops.clear()
+        with counter:
+            step(model, cache, tokens(2, 1, seed=300 + i), mask)
+        per_layer = {name: n // len(cache.layers) for name, n in counter.ops.items()}
+        if valid_capacity(layer) != mask_capacity:
+            # The padding mask grows geometrically (here at the first step: it was made to
+            # hold the prompt): a new one, and the old copied into it.
+            assert per_layer == {"copy_.default": 3, "ones.default": 1}, i
+            mask_growths += 1
+        elif layer.store.n_blocks == blocks:
+            assert per_layer == {"copy_.default": 2}, i
+            assert layer.k_buffer.data_ptr() == storage
+        else:
+            seen_compression = True
+            # The new token's K and V, the rest of the buffer moved to new storage, and the
+            # packed block's padding flags permuted.
+            moved = {"copy_.default": 4, "new_empty.default": 2}
+            assert per_layer == (moved if pads == [0, 0] else {**moved, "copy_.default": 5, "gather.default": 1}), i
+        if pads != [0, 0]:
+            assert layer.valid_mask().data_ptr() == layer._valid.data_ptr()  # a view, no copy
+    assert seen_compression and not counter.syncs and mask_growths == (pads != [0, 0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep, atol", [(140, 1e-4), (32, 5e-3)])
+def test_crop_keeps_padding_masked(model, keep, atol):
+    """A cropped padded batch decodes like a fresh one holding the kept tokens: the dropped
+    tokens' flags are forgotten (cropping to 32 drops padding, whose places new real tokens
+    take). Not bit-equal: the prompts' K and V come from matmuls of different sizes, and a
+    fresh prompt of 32 tokens is not packed yet."""
+    ids = tokens(2, 150, seed=17)
+    mask = left_padded(ids, [0, 37])
+    cache = PackKVCache(model.config, FINE)
+    step(model, cache, ids, mask)
+    cache.crop(keep)
+    ref = PackKVCache(model.config, FINE)
+    mask = mask[:, :keep]
+    step(model, ref, ids[:, :keep], mask)
+    for i in range(40):  # through block compressions
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
+        nxt = tokens(2, 1, seed=400 + i)
+        assert torch.allclose(step(model, cache, nxt, mask), step(model, ref, nxt, mask), atol=atol), i
+
+
 @torch.no_grad()
 def test_chunked_prefill_attends_packed_history(model):
     ids = tokens(1, 160, seed=3)
@@ -219,6 +328,22 @@ def test_stats_count_bytes(model):
     assert stats["total"]["fp16_bytes"] == 2 * layer["fp16_bytes"]
     assert stats["total"]["stored_bytes"] == cache.nbytes()
     assert stats["total"]["ratio"] > 1.5
+
+
+@torch.no_grad()
+def test_dropped_cache_frees_its_memory_at_once(model):
+    """No reference cycle (the tagged buffer view names its layer weakly): dropping the cache
+    frees its tensors without waiting for the garbage collector."""
+    cache = PackKVCache(model.config, FINE)
+    step(model, cache, tokens(1, 100, seed=18))
+    step(model, cache, tokens(1, 1, seed=19))
+    storage = weakref.ref(cache.layers[0]._k_buf)
+    gc.disable()
+    try:
+        del cache
+        assert storage() is None
+    finally:
+        gc.enable()
 
 
 def test_clear_errors(model):

@@ -244,8 +244,10 @@ def test_cuda_appends_read_no_tensor_value():
                 perms.append(store.append(kd[:, :, i * s : (i + 1) * s], vd[:, :, i * s : (i + 1) * s]))
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+        # torch also warns, once per switch, that the debug mode itself is a prototype.
+        syncs = [str(w.message) for w in caught if "debug mode is a prototype" not in str(w.message)]
         if store.reallocations == reallocations:
-            assert not caught, [str(w.message) for w in caught]
+            assert not syncs, syncs
             quiet += 1
     assert quiet >= n // 2
     assert_store_equals_compressed(store, k, v, config, [p + i * s for i, p in enumerate(perms)])

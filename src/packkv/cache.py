@@ -2,9 +2,9 @@
 
 Per layer the cache holds a :class:`PackedStore` (the packed blocks) and a buffer of the
 most recent tokens, exact, in the model's dtype (fp16 or bf16 on a GPU; an fp32 model's
-buffer is fp32). ``update`` only appends the new tokens
-to the buffer and returns the buffer; the attention function ``"packkv"`` (registered
-with transformers' ``AttentionInterface`` when this module is imported) then
+buffer is fp32). ``update`` only appends the new tokens to the buffer and returns the
+buffer; the attention function ``"packkv"`` (registered with transformers'
+``AttentionInterface`` when this module is imported) then
 
 * for a prefill (more than one query token) runs SDPA over the decoded packed history
   (if any) and the buffer;
@@ -17,8 +17,13 @@ and afterwards compresses the oldest full blocks of the buffer that leave at lea
 attention mask, which tokens are padding before it permutes them.
 
 Padding (left-padded batches): inside a packed block tokens are permuted per batch row
-and KV head, so the layer keeps a validity mask in packed order, bool
-``[batch, kv_heads, packed_tokens]``, created only once a padding token is seen.
+and KV head, so the layer keeps a validity mask in cache order (packed order, then the
+buffer), bool ``[batch, kv_heads, tokens]``, created only when a prefill shows a padding
+token. A block keeps its positions in it when it is packed (only its tokens are permuted),
+and decode tokens are real, so a decode step passes a view of it and writes nothing.
+
+A decode step with no block to compress costs, per layer, the two copies that append the
+new K and V, the kernel launches, and no host sync.
 
 Usage::
 
@@ -30,6 +35,7 @@ Usage::
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -48,16 +54,22 @@ ATTN_IMPLEMENTATION = "packkv"
 # The reference codec allocates several int32/fp32 copies of what it compresses: append at
 # most this many elements (batch x heads x tokens x head_dim) at a time to bound the peak.
 APPEND_ELEMENTS = 2**25
-# The attribute on the key tensor that ``update`` returns, naming the layer it came from.
+# The attribute on the key tensor that ``update`` returns: a weak reference to the layer it
+# came from (the layer keeps that tensor, so a strong one would be a reference cycle, and
+# a dropped cache's memory would wait for the garbage collector).
 _LAYER_ATTR = "_packkv_layer"
 
 
 class PackKVLayer(CacheLayerMixin):
     """One layer of a :class:`PackKVCache`: packed blocks, then the buffer.
 
-    Tokens ``[0, store.n_tokens)`` are packed (permuted inside each block); tokens from
-    ``store.n_tokens`` on are in ``k_buffer`` / ``v_buffer``, ``[batch, kv_heads, n, head_dim]``
-    in their original order.
+    Tokens ``[0, store.n_tokens)`` are packed (permuted inside each block); the
+    ``n_buffer`` tokens after them are in the buffer, ``k_buffer`` / ``v_buffer``
+    ``[batch, kv_heads, n_buffer, head_dim]``, in their original order.
+
+    The buffer is preallocated for ``buffer_size + block_size`` tokens, the most it holds
+    between two steps, so that a decode step appends its token with one copy for K and one
+    for V, allocating nothing; it grows only for a prefill chunk that does not fit.
     """
 
     is_sliding = False
@@ -69,12 +81,17 @@ class PackKVLayer(CacheLayerMixin):
         super().__init__()
         self.config = config
         self.store = PackedStore(config)
+        # [batch, kv_heads, capacity, head_dim]; the buffer is [:, :, :n_buffer], and
+        # k_buffer / v_buffer are views of it, made once per change (a slice costs a few us).
+        self._k_buf: torch.Tensor | None = None
+        self._v_buf: torch.Tensor | None = None
+        self.n_buffer = 0
         self.k_buffer: torch.Tensor | None = None
         self.v_buffer: torch.Tensor | None = None
-        # bool [batch, n_buffer]: which buffer tokens are real (None: all of them).
-        self.buffer_valid: torch.Tensor | None = None
-        # bool [batch, kv_heads, capacity], packed order; None while every packed token is real.
-        self._packed_valid: torch.Tensor | None = None
+        # bool [batch, kv_heads, capacity]: which tokens are real, in cache order (packed
+        # order for the packed tokens, then the buffer), True past the last token; None
+        # while every token is real (it is created when a prefill shows padding).
+        self._valid: torch.Tensor | None = None
         # Tokens appended by update() that the attention function has not yet seen.
         self.unseen = 0
 
@@ -82,8 +99,10 @@ class PackKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        self.k_buffer = key_states.new_zeros(b, h, 0, d)
-        self.v_buffer = key_states.new_zeros(b, h, 0, d)
+        capacity = self.config.buffer_size + self.config.block_size
+        self._k_buf = key_states.new_empty(b, h, capacity, d)
+        self._v_buf = key_states.new_empty(b, h, capacity, d)
+        self._set_buffer(0)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,20 +118,20 @@ class PackKVLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.k_buffer = torch.cat([self.k_buffer, key_states.to(self.dtype)], dim=2)
-        self.v_buffer = torch.cat([self.v_buffer, value_states.to(self.dtype)], dim=2)
-        if self.buffer_valid is not None:
-            pad = self.buffer_valid.new_ones(self.buffer_valid.shape[0], key_states.shape[2])
-            self.buffer_valid = torch.cat([self.buffer_valid, pad], dim=1)
-        self.unseen = key_states.shape[2]
-        key = self.k_buffer.detach()  # a new tensor object sharing storage, to carry the tag
-        setattr(key, _LAYER_ATTR, self)
-        return key, self.v_buffer
+        n, new = self.n_buffer, key_states.shape[2]
+        if n + new > self._k_buf.shape[2]:
+            self._k_buf = _moved(self._k_buf, 0, n, n + new)
+            self._v_buf = _moved(self._v_buf, 0, n, n + new)
+        self._k_buf[:, :, n : n + new].copy_(key_states)
+        self._v_buf[:, :, n : n + new].copy_(value_states)
+        self._set_buffer(n + new)
+        self.unseen = new
+        if self._valid is not None:
+            self._reserve_valid(self.get_seq_length())
+        return self.k_buffer, self.v_buffer
 
     def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.store.n_tokens + self.k_buffer.shape[2]
+        return self.store.n_tokens + self.n_buffer
 
     def get_mask_sizes(self, query: int | torch.Tensor, *args: Any) -> tuple[int, int]:
         # transformers 5.x passes the query length; earlier releases its cache_position.
@@ -148,27 +167,22 @@ class PackKVLayer(CacheLayerMixin):
             )
         if keep < packed:
             self.store.truncate(keep // self.config.block_size)
-            keep_buffer = 0
-        else:
-            keep_buffer = keep - packed
-        self.k_buffer = self.k_buffer[:, :, :keep_buffer].clone()
-        self.v_buffer = self.v_buffer[:, :, :keep_buffer].clone()
-        if self.buffer_valid is not None:
-            self.buffer_valid = self.buffer_valid[:, :keep_buffer].clone()
+        self._set_buffer(keep - self.store.n_tokens)
+        if self._valid is not None:
+            self._valid[:, :, keep:length] = True  # the invariant: True past the last token
         self.unseen = max(0, self.unseen - (length - keep))
 
     def _select(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        indices = indices.to(self.k_buffer.device)
+        indices = indices.to(self._k_buf.device)
         if not self.store.is_empty:
             self.store.select_batch(indices)
-        self.k_buffer = self.k_buffer.index_select(0, indices)
-        self.v_buffer = self.v_buffer.index_select(0, indices)
-        if self.buffer_valid is not None:
-            self.buffer_valid = self.buffer_valid.index_select(0, indices)
-        if self._packed_valid is not None:
-            self._packed_valid = self._packed_valid.index_select(0, indices)
+        self._k_buf = self._k_buf.index_select(0, indices)
+        self._v_buf = self._v_buf.index_select(0, indices)
+        self._set_buffer(self.n_buffer)
+        if self._valid is not None:
+            self._valid = self._valid.index_select(0, indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx)
@@ -180,7 +194,7 @@ class PackKVLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            rows = torch.arange(self.k_buffer.shape[0], device=self.k_buffer.device)
+            rows = torch.arange(self._k_buf.shape[0], device=self._k_buf.device)
             self._select(rows.repeat_interleave(repeats))
 
     def offload(self) -> None:
@@ -189,104 +203,110 @@ class PackKVLayer(CacheLayerMixin):
     prefetch = offload
 
     # -- packkv ----------------------------------------------------------------------------
+    def _set_buffer(self, n_buffer: int) -> None:
+        """Hold ``n_buffer`` buffer tokens: ``k_buffer`` / ``v_buffer`` become the views
+        ``[batch, kv_heads, n_buffer, head_dim]`` of the storage; K's view carries the tag by
+        which the attention function finds this layer."""
+        self.n_buffer = n_buffer
+        self.k_buffer = self._k_buf[:, :, :n_buffer]
+        self.v_buffer = self._v_buf[:, :, :n_buffer]
+        setattr(self.k_buffer, _LAYER_ATTR, weakref.ref(self))
+
     @property
     def packed_valid(self) -> torch.Tensor | None:
         """bool ``[batch, kv_heads, packed_tokens]`` in packed order, or None if all are real."""
-        if self._packed_valid is None:
+        if self._valid is None:
             return None
-        return self._packed_valid[:, :, : self.store.n_tokens]
+        return self._valid[:, :, : self.store.n_tokens]
 
     def valid_mask(self) -> torch.Tensor | None:
-        """bool ``[batch, kv_heads, packed + buffer tokens]``, packed order then the buffer;
-        None if every token is real."""
-        if self._packed_valid is None and self.buffer_valid is None:
+        """bool ``[batch, kv_heads, packed + buffer tokens]``, packed order then the buffer
+        (a view, no copy); None if every token is real."""
+        if self._valid is None:
             return None
-        b, h = self.k_buffer.shape[:2]
-        packed = self.packed_valid
-        if packed is None:
-            packed = self.k_buffer.new_ones(b, h, self.store.n_tokens, dtype=torch.bool)
-        buffer = self.buffer_valid
-        if buffer is None:
-            buffer = self.k_buffer.new_ones(b, self.k_buffer.shape[2], dtype=torch.bool)
-        return torch.cat([packed, buffer.unsqueeze(1).expand(b, h, -1)], dim=2)
+        return self._valid[:, :, : self.get_seq_length()]
 
     def settle(self, new_valid: torch.Tensor | None) -> None:
         """Record which of the ``unseen`` newest tokens are real, then compress overflow.
 
         Args:
-            new_valid: bool ``[batch, unseen]`` (None: all real).
+            new_valid: bool ``[batch, unseen]`` (None: all real). Reading it costs a host
+                sync, so the attention function passes it for a prefill only.
         """
-        if new_valid is not None and not bool(new_valid.all()):
-            if self.buffer_valid is None:
-                self.buffer_valid = new_valid.new_ones(self.k_buffer.shape[0], self.k_buffer.shape[2])
-            self.buffer_valid[:, self.k_buffer.shape[2] - self.unseen :] = new_valid
+        if new_valid is not None and (self._valid is not None or not bool(new_valid.all())):
+            end = self.get_seq_length()
+            self._reserve_valid(end)
+            self._valid[:, :, end - self.unseen : end] = new_valid.unsqueeze(1)
         self.unseen = 0
         self._compress_overflow()
+
+    def _reserve_valid(self, tokens: int) -> None:
+        """Make ``_valid`` hold at least ``tokens`` tokens, growing it geometrically like the store."""
+        capacity = 0 if self._valid is None else self._valid.shape[2]
+        if capacity >= tokens:
+            return
+        b, h = self._k_buf.shape[:2]
+        # Tokens seen before the first padding are real: the new mask starts all True.
+        valid = torch.ones(b, h, max(tokens, 2 * capacity), dtype=torch.bool, device=self._k_buf.device)
+        if self._valid is not None:
+            valid[:, :, :capacity] = self._valid
+        self._valid = valid
 
     def _compress_overflow(self) -> None:
         # Compress the oldest whole blocks that leave at least buffer_size tokens exact: the
         # buffer then holds buffer_size .. buffer_size + block_size - 1 tokens (as the study
         # harness and PackKV's reference code do).
         s = self.config.block_size
-        blocks = max(0, self.k_buffer.shape[2] - self.config.buffer_size) // s
+        blocks = max(0, self.n_buffer - self.config.buffer_size) // s
         if blocks == 0:
             return
-        b, h, _, d = self.k_buffer.shape
+        b, h, _, d = self._k_buf.shape
         step = max(1, APPEND_ELEMENTS // (b * h * s * d))
         for first in range(0, blocks, step):
             lo, hi = first * s, min(blocks, first + step) * s
-            perm = self.store.append(self.k_buffer[:, :, lo:hi], self.v_buffer[:, :, lo:hi])
-            self._append_packed_valid(perm, lo)
+            perm = self.store.append(self._k_buf[:, :, lo:hi], self._v_buf[:, :, lo:hi])
+            if self._valid is not None:
+                # Buffer token j sits at cache position n_packed + j, so the block keeps its
+                # positions in the mask; only its tokens are permuted.
+                end = self.store.n_tokens
+                chunk = self._valid[:, :, end - (hi - lo) : end]
+                chunk.copy_(torch.gather(chunk, 2, perm))
         cut = blocks * s
-        # Copies, so that the long prefill buffer's storage is freed.
-        self.k_buffer = self.k_buffer[:, :, cut:].clone()
-        self.v_buffer = self.v_buffer[:, :, cut:].clone()
-        if self.buffer_valid is not None:
-            self.buffer_valid = self.buffer_valid[:, cut:].clone()
-
-    def _append_packed_valid(self, perm: torch.Tensor, start: int) -> None:
-        """Carry the validity of buffer tokens ``[start, start + n)``, just appended to the
-        store with permutation ``perm [batch, kv_heads, n]``, into packed order."""
-        n = perm.shape[2]
-        end = self.store.n_tokens
-        chunk = None if self.buffer_valid is None else self.buffer_valid[:, start : start + n]
-        if self._packed_valid is None and (chunk is None or bool(chunk.all())):
-            return
-        if self._packed_valid is None or self._packed_valid.shape[2] < end:
-            b, h = perm.shape[:2]
-            old = self._packed_valid
-            # Grows geometrically like the store; tokens packed before the first pad are real.
-            self._packed_valid = perm.new_ones(b, h, max(end, 2 * (0 if old is None else old.shape[2])), dtype=torch.bool)
-            if old is not None:
-                self._packed_valid[:, :, : end - n] = old[:, :, : end - n]
-        if chunk is None:
-            self._packed_valid[:, :, end - n : end] = True
-        else:
-            valid = chunk.unsqueeze(1).expand(*perm.shape)
-            self._packed_valid[:, :, end - n : end] = torch.gather(valid, 2, perm)
+        # Fresh buffers: the rest moves to the front (the old and new places overlap), and
+        # a long prefill's buffer is freed.
+        capacity = max(self.config.buffer_size + s, self.n_buffer - cut)
+        self._k_buf = _moved(self._k_buf, cut, self.n_buffer, capacity)
+        self._v_buf = _moved(self._v_buf, cut, self.n_buffer, capacity)
+        self._set_buffer(self.n_buffer - cut)
 
     def nbytes(self) -> dict[str, int]:
         """Byte counts of this layer.
 
         Returns:
             ``tokens``; ``fp16_bytes`` (K and V of every token in fp16); ``stored_bytes``
-            (packed data used, buffer and validity masks, 1 byte a flag); ``allocated_bytes``
-            (the same with the store's and the packed mask's spare capacity).
+            (packed data used, the buffer's tokens, the validity mask of every token, 1 byte
+            a flag); ``allocated_bytes`` (the same at the capacity of the store, the buffer
+            and the mask).
         """
         if not self.is_initialized:
             return {"tokens": 0, "fp16_bytes": 0, "stored_bytes": 0, "allocated_bytes": 0}
-        b, h, _, d = self.k_buffer.shape
+        b, h, capacity, d = self._k_buf.shape
         tokens = self.get_seq_length()
-        buffers = [self.k_buffer, self.v_buffer, self.buffer_valid]
-        extra = sum(t.numel() * t.element_size() for t in buffers if t is not None)
-        used_mask = 0 if self._packed_valid is None else self.packed_valid.numel()
-        mask_capacity = 0 if self._packed_valid is None else self._packed_valid.numel()
+        item = self._k_buf.element_size()
+        mask_tokens, mask_capacity = (0, 0) if self._valid is None else (tokens, self._valid.shape[2])
         return {
             "tokens": tokens,
             "fp16_bytes": 2 * 2 * b * h * tokens * d,
-            "stored_bytes": self.store.nbytes + extra + used_mask,
-            "allocated_bytes": self.store.allocated_nbytes + extra + mask_capacity,
+            "stored_bytes": self.store.nbytes + 2 * b * h * self.n_buffer * d * item + b * h * mask_tokens,
+            "allocated_bytes": self.store.allocated_nbytes + 2 * b * h * capacity * d * item + b * h * mask_capacity,
         }
+
+
+def _moved(buf: torch.Tensor, start: int, stop: int, capacity: int) -> torch.Tensor:
+    """A new ``[batch, heads, capacity, head_dim]`` buffer starting with ``buf[:, :, start:stop]``."""
+    new = buf.new_empty(*buf.shape[:2], capacity, buf.shape[3])
+    new[:, :, : stop - start] = buf[:, :, start:stop]
+    return new
 
 
 def _check_model_config(config: Any) -> Any:
@@ -469,22 +489,25 @@ def packkv_attention(
     """
     _check_supported(module, {**kwargs, "dropout": dropout})
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    layer = getattr(key, _LAYER_ATTR, None)
-    allowed = _allowed(attention_mask)
+    layer_ref = getattr(key, _LAYER_ATTR, None)
+    layer = None if layer_ref is None else layer_ref()
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
-    if allowed is not None and allowed.shape[-1] != layer.get_seq_length():
-        raise ValueError(f"attention mask covers {allowed.shape[-1]} tokens, the cache holds {layer.get_seq_length()}")
+    if attention_mask is not None and attention_mask.shape[-1] != layer.get_seq_length():
+        raise ValueError(
+            f"attention mask covers {attention_mask.shape[-1]} tokens, the cache holds {layer.get_seq_length()}"
+        )
     if query.shape[2] == 1 and not layer.store.is_empty:
+        # The layer's own mask (packed order) covers padding; the new token is real, since
+        # generate extends the mask with ones: reading it would cost a host sync a layer.
         out = _decode(layer, query, scaling)
+        layer.settle(None)
     else:
+        allowed = _allowed(attention_mask)
         out = _prefill(layer, query, allowed, scaling)
-    # A decode step's token is real (generate extends the mask with ones): reading the mask
-    # would cost a GPU sync per layer and step.
-    new_valid = None if allowed is None or query.shape[2] == 1 else allowed[:, 0, -1, -layer.unseen :]
-    layer.settle(new_valid)
+        layer.settle(None if allowed is None else allowed[:, 0, -1, -layer.unseen :])
     return out.transpose(1, 2).contiguous(), None
 
 
