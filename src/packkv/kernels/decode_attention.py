@@ -17,7 +17,7 @@ import triton.language as tl
 from ..codec.format import PackedKV
 from . import _common
 from ._common import check_attention, n_splits, use_asm, use_triton
-from .planes import fetch_meta, load_query_tile, packed_args, pow2_rows, stage_tile, tile_tokens
+from .planes import fetch_meta, load_query_tile, packed_args, pow2_rows, side_pointers, split_tiles, stage_tile, tile_tokens
 from .pv import v_tile_sum
 from .qk import k_query, k_tile_scores
 from .reference import decode_attention_reference
@@ -87,21 +87,13 @@ def _decode_kernel(
     acc = tl.zeros([16, D], dtype=tl.float32)
     if split < n_pack_splits:
         WPP: tl.constexpr = PACK // 32
-        ko_bh = ko_ptr + b * ks_ob + h * ks_oh
-        kwd_bh = kwd_ptr + b * ks_wb + h * ks_wh
-        kmn_bh = kmn_ptr + b * ks_mb + h * ks_mh
-        ks_bh = ks_ptr + b * ks_sb + h * ks_sh
-        kz_bh = kz_ptr + b * ks_zb + h * ks_zh
-        vo_bh = vo_ptr + b * vs_ob + h * vs_oh
-        vwd_bh = vwd_ptr + b * vs_wb + h * vs_wh
-        vmn_bh = vmn_ptr + b * vs_mb + h * vs_mh
-        vs_bh = vs_ptr + b * vs_sb + h * vs_sh
-        vz_bh = vz_ptr + b * vs_zb + h * vs_zh
+        ko_bh, kwd_bh, kmn_bh, ks_bh, kz_bh = side_pointers(
+            ko_ptr, kwd_ptr, kmn_ptr, ks_ptr, kz_ptr, b, h, ks_ob, ks_oh, ks_wb, ks_wh, ks_mb, ks_mh, ks_sb, ks_sh, ks_zb, ks_zh)
+        vo_bh, vwd_bh, vmn_bh, vs_bh, vz_bh = side_pointers(
+            vo_ptr, vwd_ptr, vmn_ptr, vs_ptr, vz_ptr, b, h, vs_ob, vs_oh, vs_wb, vs_wh, vs_mb, vs_mh, vs_sb, vs_sh, vs_zb, vs_zh)
         a, pw, qsum = k_query(q)
         z_acc = tl.zeros([16], dtype=tl.float32)
-        first = split * tiles_per_split
-        last = tl.minimum(first + tiles_per_split, tl.cdiv(n_words, TW))
-        word_end = tl.minimum(last * TW, n_words)
+        first, last, word_end = split_tiles(split, tiles_per_split, n_words, TW)
         # The pipelines of qk.py and pv.py side by side: tile i computes while the planes and
         # scales of tile i+1 and the metadata of tile i+2 load, for K and for V.
         kf, kwb, kmb = fetch_meta(ko_bh, kwd_bh, kmn_bh, first, word_end, ks_op, ks_wp, ks_wc, ks_mp, ks_mc, TW, WPP, D, MIN_BITS)

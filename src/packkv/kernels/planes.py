@@ -56,6 +56,22 @@ def tile_tokens(NT: tl.constexpr):
 
 
 @triton.jit
+def side_pointers(offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr, b, h,
+                  s_ob, s_oh, s_wb, s_wh, s_mb, s_mh, s_sb, s_sh, s_zb, s_zh):
+    """The metadata pointers of one (batch, KV head) of a PackedTensor (see :func:`packed_args`)."""
+    return (offsets_ptr + b * s_ob + h * s_oh, widths_ptr + b * s_wb + h * s_wh, mins_ptr + b * s_mb + h * s_mh,
+            scale_ptr + b * s_sb + h * s_sh, zero_ptr + b * s_zb + h * s_zh)
+
+
+@triton.jit
+def split_tiles(split, tiles_per_split, n_words, TW: tl.constexpr):
+    """The tiles ``[first, last)`` of a split, and the word its packs end at."""
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_words, TW))
+    return first, last, tl.minimum(last * TW, n_words)
+
+
+@triton.jit
 def fetch_meta(offsets_bh, widths_bh, mins_bh, tile, word_end, s_op, s_wp, s_wc, s_mp, s_mc,
                TW: tl.constexpr, WPP: tl.constexpr, D: tl.constexpr, MIN_BITS: tl.constexpr):
     """Issue the metadata loads of the packs of ``tile`` (words ``tile * TW ..``, none from ``word_end``).

@@ -10,7 +10,8 @@ from ..codec.format import PackedTensor
 from . import _common
 from ._common import check_packed, check_query, n_splits, use_asm, use_triton
 from .planes import (
-    fetch_meta, high_tile, load_query_tile, packed_args, planes_to_tile, pow2_rows, split_f16, stage_tile, tile_tokens,
+    fetch_meta, high_tile, load_query_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_f16, split_tiles,
+    stage_tile, tile_tokens,
 )
 from .reference import qk_reference
 
@@ -82,17 +83,12 @@ def _qk_kernel(
     h = pid_bh % heads
     WPP: tl.constexpr = PACK // 32
     rows = tl.arange(0, 16)
-    offsets_bh = offsets_ptr + b * s_ob + h * s_oh
-    widths_bh = widths_ptr + b * s_wb + h * s_wh
-    mins_bh = mins_ptr + b * s_mb + h * s_mh
-    scale_bh = scale_ptr + b * s_sb + h * s_sh
-    zero_bh = zero_ptr + b * s_zb + h * s_zh
+    offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh = side_pointers(
+        offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr, b, h, s_ob, s_oh, s_wb, s_wh, s_mb, s_mh, s_sb, s_sh, s_zb, s_zh)
     q = load_query_tile(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D)
     a, pw, qsum = k_query(q)
     out_rows = out_ptr + b * s_outb + (h * GROUP + rows[:, None]) * s_outh
-    first = tl.program_id(1) * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(n_words, TW))
-    word_end = tl.minimum(last * TW, n_words)
+    first, last, word_end = split_tiles(tl.program_id(1), tiles_per_split, n_words, TW)
     f0, wb, mb = fetch_meta(offsets_bh, widths_bh, mins_bh, first, word_end, s_op, s_wp, s_wc, s_mp, s_mc, TW, WPP, D, MIN_BITS)
     ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6, x7, sc, ze = stage_tile(
         words_ptr, scale_bh, zero_bh, f0, wb, mb, first, word_end, s_word, s_sn, s_sx, s_zn, s_zx,
