@@ -25,5 +25,6 @@ def test_packkv_roundtrip_in_original_order():
 
 
 def test_label_names_the_setting():
-    label = PackKVMethod(PackKVConfig(k_rel=0.15, v_rel=0.3, pack_size=64, block_size=128, k_grouping="channel")).label
+    config = PackKVConfig(k_rel=0.15, v_rel=0.3, pack_size=64, block_size=128, k_grouping="channel", repack="greedy")
+    label = PackKVMethod(config).label
     assert label == "packkv kc0.15 vt0.3 p64 b128 m4 greedy"
