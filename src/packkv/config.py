@@ -37,8 +37,8 @@ class PackKVConfig:
     """
 
     # k_rel, v_rel and the groupings from the study on SmolLM2 (docs/results.md: +0.18
-    # perplexity, top-1 0.950, K 4.05x / V 4.48x with blocks of 128). With both ranges per
-    # token, the block size only bounds what repacking can reorder.
+    # perplexity, top-1 0.950, K 4.05x / V 4.48x with blocks of 128 and greedy repacking).
+    # With both ranges per token, the block size only bounds what repacking can reorder.
     block_size: int = 64
     buffer_size: int = 128
     pack_size: int = 32
