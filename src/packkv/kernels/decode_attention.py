@@ -17,7 +17,9 @@ import triton.language as tl
 from ..codec.format import PackedKV
 from . import _common
 from ._common import check_attention, n_splits, use_asm, use_triton
-from .planes import fetch_meta, load_query_tile, packed_args, pow2_rows, side_pointers, split_tiles, stage_tile, tile_tokens
+from .planes import (
+    fetch_meta, load_query_tile, packed_args, pow2_rows, side_pointers, split_halves, split_tiles, stage_tile, tile_tokens,
+)
 from .pv import v_tile_sum
 from .qk import k_query, k_tile_scores
 from .reference import decode_attention_reference
@@ -135,9 +137,7 @@ def _decode_kernel(
         # for either), the weights rounded to it.
         tok = tl.arange(0, 32)
         q_pw = pow2_rows(q)
-        qn = q / q_pw[:, None]
-        q_hi = qn.to(kt_ptr.dtype.element_ty)
-        q_lo = (qn - q_hi.to(tl.float32)).to(kt_ptr.dtype.element_ty)
+        q_hi, q_lo = split_halves(q / q_pw[:, None], kt_ptr.dtype.element_ty)
         kt_bh = kt_ptr + b * s_ktb + h * s_kth
         vt_bh = vt_ptr + b * s_vtb + h * s_vth
         for start in range(0, tail_len, 32):

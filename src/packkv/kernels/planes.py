@@ -293,10 +293,11 @@ def pow2_rows(x):
 
 
 @triton.jit
-def split_f16(x):
-    """fp32 ``x`` as ``hi + lo`` with fp16 ``hi``, ``lo`` (about 2**-22 relative), for rows already scaled by pow2_rows."""
-    hi = x.to(tl.float16)
-    lo = (x - hi.to(tl.float32)).to(tl.float16)
+def split_halves(x, dtype: tl.constexpr):
+    """fp32 ``x`` as ``hi + lo`` in ``dtype`` (fp16: about 2**-22 relative; bf16: 2**-16),
+    for rows already scaled by pow2_rows: two tensor-core products give a near-fp32 one."""
+    hi = x.to(dtype)
+    lo = (x - hi.to(tl.float32)).to(dtype)
     return hi, lo
 
 

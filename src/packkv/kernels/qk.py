@@ -10,7 +10,7 @@ from ..codec.format import PackedTensor
 from . import _common
 from ._common import check_packed, check_query, n_splits, use_asm, use_triton
 from .planes import (
-    fetch_meta, high_tile, load_query_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_f16, split_tiles,
+    fetch_meta, high_tile, load_query_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_halves, split_tiles,
     stage_tile, tile_tokens,
 )
 from .reference import qk_reference
@@ -51,7 +51,7 @@ def k_tile_scores(q, a, pw, qsum, ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6,
     else:
         qs = q * scale.to(tl.float32)[None, :]
         qs_pw = pow2_rows(qs)
-        a_hi, a_lo = split_f16(qs / qs_pw[:, None])
+        a_hi, a_lo = split_halves(qs / qs_pw[:, None], tl.float16)
         dot = tl.dot(a_hi, low) + tl.dot(a_lo, low)
         if WIDE and max_w > 8:
             high = high_tile(ptrs, w, max_w, s_word, WPP, ASM)
