@@ -9,12 +9,18 @@ For one Llama-3.1-8B layer (8 KV heads, head_dim 128, 32 query heads, hidden 409
   * appending ONE block to a ``PackedStore`` already holding those T tokens (what a decode
     step triggers once every block_size steps): CUDA events around each append, the device
     idle before it (so launch overhead counts), median and mean of many appends, each
-    growing the store (the mean includes the rare appends that grow a pool and sync);
+    growing the store (the mean includes the rare appends that grow a pool and sync); and
+    the device's own time (the GPU kept busy while the host enqueues: no launch overhead);
   * that time / block_size against one decode attention step of the layer at T tokens:
     fp16 SDPA and packkv's fused ``decode_attention`` over the store's packed blocks plus an
-    fp16 tail of ``buffer_size`` tokens;
+    fp16 tail of ``buffer_size`` tokens, each replayed from a CUDA graph (the device's time:
+    do_bench flushes L2 by zeroing 256 MB before each call, which hides only ~0.09 ms of
+    host launch cost, so a slower host shows up in an eager timing), every store timed in
+    two passes in opposite orders after all are built; eager timings in --json;
   * the store's allocated and used bytes over the fp16 bytes of the tokens it holds, after
     the prefill (the table) and after the appends (--json).
+
+Every kernel is compiled before anything is timed (a compile idles the GPU for seconds).
 
     PYTHONPATH=src python3 benchmarks/bench_encode.py [--tokens 32768] [--quick] [--json FILE]
 """
@@ -35,6 +41,20 @@ def bench_ms(fn, quick: bool) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=10 if quick else 50, rep=50 if quick else 300, return_mode="median")
+
+
+def graph_ms(fn, quick: bool) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph: the device's time, no host
+    launch cost (do_bench still flushes L2 before each replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # allocations and compilation outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay, quick)
 
 
 def realistic_kv(batch: int, heads: int, tokens: int, head_dim: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,22 +93,22 @@ def layer_prefill_ms(tokens: int, quick: bool) -> float:
     return bench_ms(run, quick)
 
 
-def sdpa_decode_ms(k: torch.Tensor, v: torch.Tensor, quick: bool) -> float:
+def sdpa_decode(k: torch.Tensor, v: torch.Tensor):
     """One fp16 SDPA decode step, 32 query heads over ``k``, ``v`` [1, 8, T, 128] (GQA: each KV
     head read once, as bench_attention's baseline)."""
     q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
     f = torch.nn.functional.scaled_dot_product_attention
-    return bench_ms(lambda: f(q, k, v, enable_gqa=True), quick)
+    return lambda: f(q, k, v, enable_gqa=True)
 
 
-def packed_decode_ms(store, tail_k: torch.Tensor, tail_v: torch.Tensor, quick: bool) -> float:
+def packed_decode(store, tail_k: torch.Tensor, tail_v: torch.Tensor):
     """One packkv decode attention step, 32 query heads over the store's blocks and the tail."""
     from packkv import PackedKV
     from packkv.kernels import decode_attention
 
     kv = PackedKV(k=store.k, v=store.v, k_tail=tail_k, v_tail=tail_v, config=store.config, dtype=torch.float16)
     q = torch.randn(1, 32, 128, device="cuda", dtype=torch.float16)
-    return bench_ms(lambda: decode_attention(q, kv), quick)
+    return lambda: decode_attention(q, kv)
 
 
 def store_sizes(store) -> dict:
@@ -100,22 +120,46 @@ def store_sizes(store) -> dict:
 
 def append_times(store, k: torch.Tensor, v: torch.Tensor, reps: int) -> dict:
     """Milliseconds of ``store.append(k, v)``, device idle before each: CUDA events (median,
-    mean) and the host's time to return (median)."""
+    mean) and the host's time to return (median); then with the device kept busy (a 1 ms
+    spin) while the host enqueues, CUDA events give the device's own time (median)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    device_ms, host_ms = [], []
+    device_ms, host_ms, gpu_ms = [], [], []
     realloc = store.reallocations
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        start.record()
-        store.append(k, v)
-        end.record()
-        host_ms.append((time.perf_counter() - t0) * 1e3)
-        end.synchronize()
-        device_ms.append(start.elapsed_time(end))
+    for busy in (False, True):
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            if busy:
+                torch.cuda._sleep(2_000_000)  # ~1 ms of GPU cycles: the host is ahead by then
+            t0 = time.perf_counter()
+            start.record()
+            store.append(k, v)
+            end.record()
+            host = (time.perf_counter() - t0) * 1e3
+            end.synchronize()
+            (gpu_ms if busy else device_ms).append(start.elapsed_time(end))
+            if not busy:
+                host_ms.append(host)
     return {"append_ms": statistics.median(device_ms), "append_mean_ms": statistics.fmean(device_ms),
-            "append_host_ms": statistics.median(host_ms), "appends": reps,
-            "reallocations_during": store.reallocations - realloc}
+            "append_host_ms": statistics.median(host_ms), "append_gpu_ms": statistics.median(gpu_ms),
+            "appends": 2 * reps, "reallocations_during": store.reallocations - realloc}
+
+
+def warm_up(repacks: tuple[str, ...]) -> None:
+    """Compile every kernel timed below on small inputs: a compile idles the GPU for seconds."""
+    from packkv import PackKVConfig
+    from packkv.kernels.encode import encode_kv
+    from packkv.store import PackedStore
+
+    k, v = realistic_kv(1, 8, 1024, 128, "cuda")
+    for repack in repacks:
+        config = PackKVConfig(repack=repack)
+        encode_kv(k, v, config)
+        store = PackedStore(config)
+        store.append(k[:, :, :512], v[:, :, :512])
+        store.append(k[:, :, 512:576], v[:, :, 512:576])
+        packed_decode(store, k[:, :, 576:].contiguous(), v[:, :, 576:].contiguous())()
+    sdpa_decode(k, v)()
+    torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     t = args.tokens
+    repacks = ("median", "none", "greedy")
+    warm_up(repacks)
     k, v = realistic_kv(1, 8, t, 128, "cuda")
     fp16_bytes = 2 * k.numel() * 2
     prefill_ms = layer_prefill_ms(t, args.quick)
-    sdpa_ms = sdpa_decode_ms(k, v, args.quick)
-    rows = []
-    for repack in ("median", "none", "greedy"):
+    rows, stores = [], []
+    for repack in repacks:
         config = PackKVConfig(repack=repack)
-        s = config.block_size
         # Greedy is sequential per pack: time it on a 1/8 slice and scale, and say so.
         part = t if repack != "greedy" else t // 8
         ks, vs = k[:, :, :part].contiguous(), v[:, :, :part].contiguous()
@@ -151,47 +195,66 @@ def main(argv: list[str] | None = None) -> int:
             for name, tensor in getattr(ref, side).tensors().items():
                 assert torch.equal(getattr(getattr(fast, side), name), tensor), f"kernel != reference: {side}.{name}"
         encode_ms = bench_ms(lambda: encode_kv(ks, vs, config), args.quick) * (t / part)
-
-        # A store holding the prefill but a tail of buffer_size tokens (as the cache leaves
-        # it): decode attention over it and the tail, then one block at a time appended.
-        n_packed = (t - config.buffer_size) // s * s
+        # A store holding the prefill but a tail of buffer_size tokens (as the cache leaves it).
+        n_packed = (t - config.buffer_size) // config.block_size * config.block_size
         store = PackedStore(config)
         store.append(k[:, :, :n_packed], v[:, :, :n_packed])
-        tail_k, tail_v = k[:, :, n_packed:].contiguous(), v[:, :, n_packed:].contiguous()
-        packed_ms = packed_decode_ms(store, tail_k, tail_v, args.quick)
-        sizes = store_sizes(store)
-        block_k, block_v = tail_k[:, :, :s], tail_v[:, :, :s]
-        reps = (20 if args.quick else 200) if repack != "greedy" else (3 if args.quick else 10)
-        append_times(store, block_k, block_v, 3)  # warm-up
-        appended = append_times(store, block_k, block_v, reps)
-        per_token_ms = appended["append_ms"] / s
+        stores.append(store)
         rows.append({
             "repack": repack, "tokens": t, "encode_ms": encode_ms, "gbps_fp16_input": fp16_bytes / encode_ms / 1e6,
             "encode_scaled_from_tokens": part, "prefill_layer_ms": prefill_ms, "encode_vs_prefill": encode_ms / prefill_ms,
-            **appended, "per_token_ms": per_token_ms,
-            "sdpa_decode_ms": sdpa_ms, "packed_decode_ms": packed_ms,
-            "per_token_vs_sdpa": per_token_ms / sdpa_ms, "per_token_vs_packed": per_token_ms / packed_ms,
-            **sizes, **{f"{key}_after_appends": value for key, value in store_sizes(store).items()},
+            **store_sizes(store),
         })
-        del store
+        del ks, vs
+
+    # One decode attention step over each store and the tail (the same for every store),
+    # after all are built: two passes in opposite orders, from CUDA graphs; then eager.
+    tail_k, tail_v = k[:, :, n_packed:].contiguous(), v[:, :, n_packed:].contiguous()
+    steps = [sdpa_decode(k, v)] + [packed_decode(store, tail_k, tail_v) for store in stores]
+    passes = [[graph_ms(step, args.quick) for step in steps],
+              [graph_ms(step, args.quick) for step in reversed(steps)][::-1]]
+    eager = [bench_ms(step, args.quick) for step in steps]
+    sdpa_ms = statistics.fmean(p[0] for p in passes)
+    for i, row in enumerate(rows, start=1):
+        row.update(sdpa_decode_ms=sdpa_ms, packed_decode_ms=statistics.fmean(p[i] for p in passes),
+                   packed_decode_passes_ms=[p[i] for p in passes], sdpa_decode_eager_ms=eager[0],
+                   packed_decode_eager_ms=eager[i])
+
+    # One block at a time appended to each store.
+    s = PackKVConfig().block_size
+    block_k, block_v = tail_k[:, :, :s], tail_v[:, :, :s]
+    for row, store in zip(rows, stores):
+        reps = (20 if args.quick else 200) if row["repack"] != "greedy" else (3 if args.quick else 10)
+        append_times(store, block_k, block_v, 3)  # warm-up
+        appended = append_times(store, block_k, block_v, reps)
+        per_token_ms = appended["append_ms"] / s
+        row.update(**appended, per_token_ms=per_token_ms, per_token_vs_sdpa=per_token_ms / sdpa_ms,
+                   per_token_vs_packed=per_token_ms / row["packed_decode_ms"],
+                   per_token_gpu_vs_sdpa=appended["append_gpu_ms"] / s / sdpa_ms,
+                   **{f"{key}_after_appends": value for key, value in store_sizes(store).items()})
+    del stores
 
     dev = torch.cuda.get_device_name()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"\nstore stage, Llama-3.1-8B layer (8 KV heads x 128), batch 1, {t} tokens, {dev}, "
           f"torch {torch.__version__}, {date}")
     print(f"{'repack':>7} {'encode ms':>9} {'GB/s in':>7} {'vs prefill':>10} | {'append ms':>9} {'mean':>6} "
-          f"{'host':>6} | {'/64 vs sdpa':>11} {'vs packed':>9} | {'ratio':>5} {'alloc/fp16':>10}")
+          f"{'host':>6} {'gpu':>6} | {'/64 vs sdpa':>11} {'vs packed':>9} | {'ratio':>5} {'alloc/fp16':>10}")
     for r in rows:
         note = f"  (encode timed on {r['encode_scaled_from_tokens']} tokens, scaled)" if r["encode_scaled_from_tokens"] != t else ""
         print(f"{r['repack']:>7} {r['encode_ms']:>9.2f} {r['gbps_fp16_input']:>7.1f} {r['encode_vs_prefill']:>10.1%} | "
-              f"{r['append_ms']:>9.3f} {r['append_mean_ms']:>6.3f} {r['append_host_ms']:>6.3f} | "
+              f"{r['append_ms']:>9.3f} {r['append_mean_ms']:>6.3f} {r['append_host_ms']:>6.3f} "
+              f"{r['append_gpu_ms']:>6.3f} | "
               f"{r['per_token_vs_sdpa']:>11.2%} {r['per_token_vs_packed']:>9.2%} | "
               f"{r['ratio']:>5.2f} {r['allocated_vs_fp16']:>10.3f}{note}")
-    print(f"layer prefill (attention + MLP, sdpa, fp16): {prefill_ms:.2f} ms; decode attention step at {t} tokens: "
-          f"fp16 SDPA {sdpa_ms:.3f} ms, packkv " + ", ".join(f"{r['repack']} {r['packed_decode_ms']:.3f} ms" for r in rows))
+    print(f"layer prefill (attention + MLP, sdpa, fp16): {prefill_ms:.2f} ms; decode attention step at {t} tokens "
+          f"(CUDA graph; eager in parentheses): fp16 SDPA {sdpa_ms:.3f} ms ({rows[0]['sdpa_decode_eager_ms']:.3f}), "
+          "packkv " + ", ".join(f"{r['repack']} {r['packed_decode_ms']:.3f} ms ({r['packed_decode_eager_ms']:.3f})"
+                                for r in rows))
     print(f"append: one block into a store of {rows[0]['store_tokens']}+ tokens (CUDA events, device idle before "
-          "each; mean includes pool growth); '/64 vs': append ms / block_size over one decode attention step; "
-          "alloc/fp16: the store's allocation over its tokens' fp16 bytes, after the prefill")
+          "each; mean includes pool growth; gpu: the device's own time, the host ahead); '/64 vs': append ms / "
+          "block_size over one decode attention step; alloc/fp16: the store's allocation over its tokens' fp16 "
+          "bytes, after the prefill")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "date": date, "torch": torch.__version__, "rows": rows}, f, indent=1)

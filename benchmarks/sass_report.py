@@ -71,11 +71,12 @@ def loop_mix(sass: str) -> tuple[int, collections.Counter]:
     return (hi - lo) // 16 + 1, ops
 
 
-def report(name: str, fn, constexprs: dict, options: dict, values_per_step: int, dump: str | None) -> None:
-    sig, consts = signature(fn, constexprs)
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                            options=options)
-    num_warps = options["num_warps"]
+def compile_sass(name: str, fn, sig: dict, consts: dict, options: dict, dump: str | None,
+                 attrs: dict | None = None) -> tuple[dict, str]:
+    """Compile ``fn`` for sm_90: its resource usage (REG, STACK, SHARED, LOCAL) and SASS;
+    ``dump``: a folder for its TTGIR, PTX and SASS."""
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -89,7 +90,13 @@ def report(name: str, fn, constexprs: dict, options: dict, values_per_step: int,
                 f.write(kernel.asm[ext])
         with open(os.path.join(dump, f"{name}.sass"), "w") as f:
             f.write(sass)
-    res = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)), sass
+
+
+def report(name: str, fn, constexprs: dict, options: dict, values_per_step: int, dump: str | None) -> None:
+    sig, consts = signature(fn, constexprs)
+    res, sass = compile_sass(name, fn, sig, consts, options, dump)
+    num_warps = options["num_warps"]
     body, ops = loop_mix(sass)
     per_thread = values_per_step / (32 * num_warps)
     print(f"| {name} | {res.get('REG')} | {res.get('STACK')} | {res.get('LOCAL')} | {body} | {body / per_thread:.2f} | "

@@ -9,7 +9,7 @@ from packkv import PackKVConfig, compress_kv
 from packkv.codec import decode_tensor
 from packkv.codec.validate import validate_packed
 from packkv.kernels.encode import pack_word_bound
-from packkv.store import GROWTH, PackedStore
+from packkv.store import GROWTH, MIN_GROWTH_BLOCKS, PackedStore
 
 STEPS = 20_000 + 17  # tokens; the last 17 stay in the fp16 buffer
 INITIAL_BLOCKS = 4
@@ -42,7 +42,7 @@ def test_one_token_appends_for_20k_steps(config):
     buf_v = torch.empty_like(buf_k)
     # The allocation is at most GROWTH times the bytes used, plus what a growth adds beyond
     # that (store.allocated_nbytes): per pool, room for two blocks at their largest and one
-    # word of rounding; the metadata of INITIAL_BLOCKS blocks (the smallest allocation).
+    # word of rounding; the metadata of the smallest allocation or growth step, in blocks.
     room = 2 * 4 * (2 * pack_word_bound(d, config.pack_size) + 1)
     fill = 0
     perms = []
@@ -62,7 +62,7 @@ def test_one_token_appends_for_20k_steps(config):
         buffers = now
         assert store.nbytes > before_nbytes
         meta_per_block = (metadata_bytes(store.k) + metadata_bytes(store.v)) / store.n_blocks
-        assert store.allocated_nbytes <= GROWTH * store.nbytes + room + INITIAL_BLOCKS * meta_per_block
+        assert store.allocated_nbytes <= GROWTH * store.nbytes + room + max(INITIAL_BLOCKS, MIN_GROWTH_BLOCKS) * meta_per_block
 
     n_blocks = STEPS // s
     full = n_blocks * s
@@ -74,8 +74,9 @@ def test_one_token_appends_for_20k_steps(config):
     # geometric series: at most (final allocation + reallocations * room) / (GROWTH - 1).
     assert store.reallocations <= 4 * (math.ceil(math.log(n_blocks / INITIAL_BLOCKS) / math.log(GROWTH)) + 1)
     assert copied <= (store.allocated_nbytes + store.reallocations * room) / (GROWTH - 1)
-    # At this length the spare capacity is a small part of the allocation.
-    assert store.allocated_nbytes <= 1.3 * store.nbytes
+    # At this length the spare capacity is a small part of the allocation (1.03-1.10 here;
+    # growth by 1.25 gave up to 1.23).
+    assert store.allocated_nbytes <= 1.15 * store.nbytes
 
     whole, perm = compress_kv(k, v, config, return_permutation=True)
     assert torch.equal(torch.cat(perms, dim=2), perm)

@@ -9,20 +9,23 @@ so a token's cost is amortized O(1) and nothing already stored is touched otherw
 
 Appending without a device sync. How many words a block takes depends on its values, so
 on the GPU (the fused encoder, :func:`packkv.kernels.encode.fused_serves`) the pool's used
-length lives on the device: the encoder's scan places the new packs after it and advances
-it. The host keeps an upper bound instead: the length it last read back, plus the most
-words every later append can take (a pack never takes more than
+length lives on the device: the encoder places the new packs after it and advances it. The
+host keeps an upper bound instead: the length it last read back, plus the most words every
+later append can take (a pack never takes more than
 :func:`~packkv.kernels.encode.pack_word_bound`, whatever its values). While that bound fits
-the pool, an append is three kernel launches and an asynchronous copy of the length to
-pinned memory, which has normally landed by the next append; when it does not fit, the
-append waits for the exact length (one sync) and grows the pool if it must. Growing leaves
-room for two blocks at their largest, so that the next append syncs nothing.
+the pool, an append is one kernel launch and an asynchronous copy of the length to pinned
+memory, which has normally landed by the next append. When it does not fit, the append
+waits for the exact length (one wait, for that copy); if a single block still does not fit,
+the pool grows to hold one at its largest; appends of several blocks (a prefill) are then
+encoded apart and their words copied in (one more sync). Growing leaves room for two blocks
+at their largest, so that the next append syncs nothing.
 
 Values the codec rejects (NaN, Inf, beyond +-65504) are found by the encoder kernel; the
 store reports them when it next reads the length back: the next :meth:`append`, or the
 first access to ``k``, ``v``, ``nbytes`` (which wait for it). It then drops the blocks from
 the first bad one on and raises the ``ValueError``: rejected values are never served. On
-the CPU (and for the reference codec) an append raises at once, before storing anything.
+the CPU (and for the reference codec, and a prefill encoded apart) an append raises at
+once, before storing anything.
 
 ``k`` and ``v`` are :class:`PackedTensor` views of the used part: no copy, so their
 metadata tensors are not contiguous (they are slices of the capacity along dim 2); the word
@@ -41,13 +44,19 @@ import torch
 from .codec import PackedKV, PackedTensor, check_kv
 from .config import PackKVConfig
 from .kernels.encode import (
-    NO_BAD_VALUE, empty_buffers, encode_blocks, encode_kv, fused_serves, new_counts, pack_blocks, pack_word_bound,
+    NO_BAD_VALUE, empty_buffers, encode_into, encode_kv, encode_kv_fused, fused_serves, new_counts, new_scratch,
+    pack_word_bound,
 )
 
-# Why 1.25: the spare capacity is at most a quarter of the used bytes (so the allocation of a
-# 4x-compressed cache stays under a third of its fp16 bytes), and a token is still copied
-# O(1) times: at most 1 / (GROWTH - 1) = 4 copies of the final allocation in all.
-GROWTH = 1.25
+# Why 1/16: the spare capacity is at most a sixteenth of the used bytes, so a cache that
+# compresses 4.3x allocates at most a quarter of its fp16 bytes (1.25 gave 11-25% spare
+# capacity, measured, which alone broke that bound); a word is still copied O(1) times: at
+# most 1 / (GROWTH - 1) = 16 copies of the final allocation in all, a few ms a layer over a
+# 64K-token prefill at batch 8 on an H100 (copies run at memory speed), against seconds.
+GROWTH = 1.0625
+# Metadata grows by at least this many blocks: a small store does not reallocate its
+# metadata at every block (a block's metadata is ~0.5 KB a head).
+MIN_GROWTH_BLOCKS = 16
 # Offsets are int32 word indices (docs/format.md).
 MAX_WORDS = 2**31 - 1
 
@@ -81,7 +90,7 @@ class PackedStore:
         # K's and V's buffers at capacity (None until the first append).
         self._bufs: list[PackedTensor] | None = None
         # int64 [4] on the device: words used in K's and V's pools, then the bad-value flags
-        # (see encode_blocks); read back into _host (pinned on CUDA) after each change.
+        # (see encode_into); read back into _host (pinned on CUDA) after each change.
         self._counts: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
@@ -91,6 +100,7 @@ class PackedStore:
         self._used = [0, 0]
         self._pending = 0
         self._views: tuple[PackedTensor, PackedTensor] | None = None
+        self._scratch = None  # the fused encoder's working memory, kept between appends
 
     # -- appending ---------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -146,24 +156,35 @@ class PackedStore:
         new_blocks = n // self.config.block_size
         self._prepare(b, h, d, k.device, new_blocks)
         self._fold()  # never waits; raises a rejected value of an earlier append
-        staged, perm = encode_blocks(k, v, self.config, *self._bufs, self._n_blocks, self._counts, self.n_tokens)
         most = self._block_word_bound() * new_blocks
-        if all(used + self._pending + most <= buf.words.numel() for used, buf in zip(self._used, self._bufs)):
-            self._pending += most
-            pack_blocks(staged, *self._bufs, self._n_blocks)
-            self._read_back()
-        else:
-            # The one sync: the exact lengths, this append's packs included.
-            self._read_back()
-            self._settle()
-            for i, used in enumerate(self._used):
-                self._fit_words(i, used, keep=min(used, self._bufs[i].words.numel()))
-            pack_blocks(staged, *self._bufs, self._n_blocks)
+        if not self._fits(most):
+            self._settle()  # the exact lengths: one wait, for the last read-back
+            if new_blocks > 1 and not self._fits(most):
+                # Room for the worst case of many blocks would be mostly wasted: encode
+                # apart, then copy the words they take (a sync, as a prefill makes anyway).
+                packed, perm = encode_kv_fused(k, v, self.config)
+                self._append_packed(packed)
+                return perm
+            if new_blocks == 1 and not self._fits(2 * most):
+                # Room for this block and the next at their largest: the next append
+                # waits for nothing.
+                for i, used in enumerate(self._used):
+                    self._fit_words(i, used + most, keep=used)
+        if self._scratch is None or self._scratch.blocks < b * h * new_blocks:
+            self._scratch = new_scratch(b * h * new_blocks, d, self.config, k.device)
+        self._pending += most
+        perm = encode_into(k, v, self.config, *self._bufs, self._n_blocks, self._counts, self.n_tokens, self._scratch)
+        self._read_back()
         self._n_blocks += new_blocks
         return perm
 
+    def _fits(self, most: int) -> bool:
+        """Whether ``most`` more words fit every pool, whatever the appends in flight took."""
+        return all(used + self._pending + most <= buf.words.numel() for used, buf in zip(self._used, self._bufs))
+
     def _append_packed(self, packed: PackedKV) -> None:
-        """Copy the blocks of ``packed`` (the reference codec's output) after the used part."""
+        """Copy the blocks of ``packed`` (the reference codec's or :func:`encode_kv_fused`'s
+        output) after the used part."""
         new_blocks = packed.k.n_packs // self._packs_per_block
         self._prepare(packed.k.batch, packed.k.heads, packed.k.head_dim, packed.k.words.device, new_blocks)
         self._settle()
@@ -197,7 +218,7 @@ class PackedStore:
         capacity = self._bufs[0].scale.shape[2]
         if blocks <= capacity:
             return
-        rows = max(self.initial_blocks, math.ceil(GROWTH * blocks))
+        rows = max(self.initial_blocks, math.ceil(GROWTH * blocks), capacity + MIN_GROWTH_BLOCKS)
         used, ppb = self._n_blocks, self._packs_per_block
         self._bufs = [
             replace(
@@ -359,7 +380,8 @@ class PackedStore:
 
         While the store only grows (no truncation, no smaller batch): at most
         ``GROWTH * nbytes``, plus per pool room for two blocks at their largest and one word
-        (``_fit_words``), plus the metadata of ``initial_blocks`` blocks (``_reserve_blocks``).
+        (``_fit_words``; three blocks after a fused append), plus the metadata of
+        ``max(initial_blocks, MIN_GROWTH_BLOCKS)`` blocks (``_reserve_blocks``).
         """
         return 0 if self._bufs is None else sum(buf.nbytes for buf in self._bufs)
 
@@ -395,4 +417,5 @@ class PackedStore:
             self._counts = self._counts.to(device)
             self._start_read_back(self._counts.device)
             self._views = None
+            self._scratch = None
         return self
