@@ -27,6 +27,9 @@ PackKVCache runs with ``attn_implementation="packkv"`` (decode: the fused Triton
 the packed cache) at the default PackKVConfig (median repacking); the others with
 ``"sdpa"``. QuantizedCache rows appear for each backend that constructs here (quanto and
 hqq need their packages, fp8 a transformers release that has it), else a note says why.
+``--rounds N`` runs each (context, batch) N times with the caches interleaved (A B, B A, ...)
+and prints the median tok/s over the rounds: a batch-1 step is bound by the host, whose
+speed drifts by tens of percent within one run on the GPU machine.
 Before the table, one small run of each cache compiles the kernels (prefill appends of
 16 and of 17 blocks, decode appends of one), so that *prefill s* is not compile time.
 
@@ -139,6 +142,7 @@ class Row:
     decode_peak_gib: float = 0.0  # the same during the decode steps
     prefill_s: float = 0.0
     ratio: float = 0.0  # fp16 / stored
+    round: int = 0  # which of --rounds
 
 
 def cache_makers(model: LlamaForCausalLM, wanted: list[str]) -> tuple[dict[str, tuple[str, Callable]], list[str]]:
@@ -450,6 +454,21 @@ def table_line(r: Row) -> str:
             f"{r.prefill_s:>11.2f}")
 
 
+def print_rounds(rows: list[dict]) -> None:
+    """Median decode tok/s of each (context, batch, cache) over the rounds, and its ratio to
+    DynamicCache's median (a host-bound batch-1 step varies by tens of percent from run to run)."""
+    runs: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            runs.setdefault((r["context"], r["batch"], r["cache"]), []).append(r["decode_tok_s"])
+    print(f"{'cache':<18}{'context':>8}{'batch':>6}{'rounds':>7}{'median tok/s':>14}{'min':>9}{'max':>9}{'vs dynamic':>12}")
+    for (context, batch, cache), rates in runs.items():
+        base = runs.get((context, batch, "dynamic"))
+        vs = f"{statistics.median(rates) / statistics.median(base):.2f}" if base else "-"
+        print(f"{cache:<18}{context:>8}{batch:>6}{len(rates):>7}{statistics.median(rates):>14.1f}"
+              f"{min(rates):>9.1f}{max(rates):>9.1f}{vs:>12}")
+
+
 def bound(found: int, failed: int | None, limit: int) -> str:
     """``found``, with what is known above it."""
     if failed is not None:
@@ -485,8 +504,12 @@ def main() -> None:
     parser.add_argument("--fit-context-step", type=int, default=4096, help="granularity of the longest context")
     parser.add_argument("--fit-probes", type=int, default=5, help="most probes for each --fit answer")
     parser.add_argument("--fit-calibration", type=int, default=16384, help="tokens of the calibration fill")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of each (context, batch, cache), the caches interleaved; then medians")
     parser.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.decode_tokens < 1 or args.warmup_steps < 0 or args.prefill_tokens < 1 or args.fit_probes < 1:
         parser.error("--decode-tokens, --prefill-tokens and --fit-probes must be >= 1, --warmup-steps >= 0")
 
@@ -533,10 +556,16 @@ def main() -> None:
         print(TABLE_HEAD, flush=True)
         for c in args.contexts:
             for b in args.batches:
-                for label, (attn, make) in makers.items():
-                    row = guarded(model, label, attn, make, c, b, args, device)
-                    report["rows"].append(asdict(row))
-                    print(table_line(row), flush=True)
+                order = list(makers.items())
+                for r in range(args.rounds):
+                    # A B, B A, ...: a drift of the host's speed during the rounds cancels.
+                    for label, (attn, make) in (order if r % 2 == 0 else order[::-1]):
+                        row = guarded(model, label, attn, make, c, b, args, device)
+                        row.round = r
+                        report["rows"].append(asdict(row))
+                        print(table_line(row), flush=True)
+    if args.rounds > 1:
+        print_rounds(report["rows"])
     for note in notes:
         print("note:", note)
     print(f"table: {time.perf_counter() - start:.0f} s", flush=True)

@@ -13,8 +13,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 import packkv.cache  # noqa: F401  (registers "packkv")
-from packkv import PackKVConfig
-from packkv.cache import PackKVCache
+from packkv import PackedKV, PackKVConfig
+from packkv.cache import PackKVCache, PackKVLayer, packkv_attention
+from packkv.kernels import decode_attention
+from packkv.kernels.decode_attention import DecodePlan
 from packkv.store import PackedStore
 
 VOCAB = 500
@@ -105,6 +107,39 @@ def test_decode_through_the_triton_kernel_on_the_store_views(model, monkeypatch)
     monkeypatch.setattr(packkv.cache, "decode_tensor", no_decompression)
     monkeypatch.setattr(sys.modules["packkv.kernels.reference"], "decode_tensor", no_decompression)
     assert (step(model, cache, nxt, mask) - want).abs().max() < 5e-3
+
+
+@torch.no_grad()
+def test_fp16_decode_steps_reuse_one_plan_until_a_block_is_packed(monkeypatch):
+    """An fp16 decode step runs the kernels through the layer's DecodePlan, made when the
+    packed blocks change, not at every step; each step's output is decode_attention's on
+    the layer's views, bit for bit (padding mask included). With PACKKV_TEST_DEVICE=cuda
+    the kernels run compiled, and the plan's later steps take its cached launchers (the
+    interpreter always goes through Triton's dispatcher)."""
+    device = torch.device(os.environ.get("PACKKV_TEST_DEVICE", "cpu"))
+    if device.type == "cpu":
+        if not INTERPRETED:
+            pytest.skip("needs the Triton interpreter (tests/conftest.py sets it)")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    made = []
+    monkeypatch.setattr(packkv.cache, "DecodePlan", lambda *args, **kw: made.append(DecodePlan(*args, **kw)) or made[-1])
+    g = torch.Generator().manual_seed(21)
+    kv = lambda n: [torch.randn(2, 2, n, 64, generator=g).half().to(device) for _ in "kv"]
+    layer = PackKVLayer(FINE)
+    layer.update(*kv(94))
+    valid = torch.ones(2, 94, dtype=torch.bool, device=device)
+    valid[1, :40] = False
+    layer.settle(valid)  # one block packed, 62 tokens in the buffer
+    module = torch.nn.Module().eval()
+    for i, (n_buffer, plans) in enumerate([(63, 1), (64, 1), (33, 2)]):  # the second step packs a block
+        query = torch.randn(2, 1, 4, 64, generator=g).half().to(device).transpose(1, 2)  # transformers' layout
+        key, value = layer.update(*kv(1))
+        assert layer.n_buffer == n_buffer
+        views = PackedKV(k=layer.store.k, v=layer.store.v, k_tail=layer.k_buffer, v_tail=layer.v_buffer, config=FINE,
+                         dtype=torch.float16)
+        want = decode_attention(query[:, :, 0], views, sm_scale=0.125, mask=layer.valid_mask())
+        out, _ = packkv_attention(module, query, key, value, None, scaling=0.125)
+        assert torch.equal(out, want.unsqueeze(1)) and len(made) == plans, i
 
 
 @torch.no_grad()

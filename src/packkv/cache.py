@@ -3,14 +3,14 @@
 Per layer the cache holds a :class:`PackedStore` (the packed blocks) and a buffer of the
 most recent tokens, exact, in the model's dtype (fp16 or bf16 on a GPU; an fp32 model's
 buffer is fp32). ``update`` only appends the new tokens to the buffer and returns the
-buffer; the attention function ``"packkv"`` (registered with transformers'
+buffer's storage; the attention function ``"packkv"`` (registered with transformers'
 ``AttentionInterface`` when this module is imported) then
 
 * for a prefill (more than one query token) runs SDPA over the decoded packed history
   (if any) and the buffer;
-* for a decode step (one query token) calls :func:`packkv.kernels.decode_attention` on the
-  packed blocks and the buffer: Triton on CUDA, the PyTorch reference on CPU, never the
-  whole cache in fp16;
+* for a decode step (one query token) runs fused decode attention
+  (:mod:`packkv.kernels.decode_attention`) on the packed blocks and the buffer: Triton on
+  CUDA, the PyTorch reference on CPU, never the whole cache in fp16;
 
 and afterwards compresses the oldest full blocks of the buffer that leave at least
 ``buffer_size`` tokens in it. Compressing after attention lets the layer learn, from the
@@ -23,7 +23,8 @@ token. A block keeps its positions in it when it is packed (only its tokens are 
 and decode tokens are real, so a decode step passes a view of it and writes nothing.
 
 A decode step with no block to compress costs, per layer, the two copies that append the
-new K and V, the kernel launches, and no host sync.
+new K and V, the output's allocation, the two kernel launches, and no host sync: the
+launch is prepared once per change of the packed blocks (:meth:`PackKVLayer.decode_plan`).
 
 Usage::
 
@@ -47,7 +48,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from .codec import PackedKV, decode_tensor
 from .config import PackKVConfig
 from .kernels import decode_attention
-from .kernels._common import GROUP_TILE, KERNEL_HEAD_DIMS, QUERY_DTYPES
+from .kernels._common import GROUP_TILE, KERNEL_HEAD_DIMS, QUERY_DTYPES, check_attention, use_triton
+from .kernels.decode_attention import DecodePlan
 from .store import PackedStore
 
 ATTN_IMPLEMENTATION = "packkv"
@@ -67,9 +69,9 @@ class PackKVLayer(CacheLayerMixin):
     ``n_buffer`` tokens after them are in the buffer, ``k_buffer`` / ``v_buffer``
     ``[batch, kv_heads, n_buffer, head_dim]``, in their original order.
 
-    The buffer is preallocated for ``buffer_size + block_size`` tokens, the most it holds
-    between two steps, so that a decode step appends its token with one copy for K and one
-    for V, allocating nothing; it grows only for a prefill chunk that does not fit.
+    The buffer's storage is preallocated for ``buffer_size + block_size`` tokens, the most
+    it holds between two steps, so that a decode step appends its token with one copy for K
+    and one for V, allocating nothing; it grows only for a prefill chunk that does not fit.
     """
 
     is_sliding = False
@@ -81,34 +83,38 @@ class PackKVLayer(CacheLayerMixin):
         super().__init__()
         self.config = config
         self.store = PackedStore(config)
-        # [batch, kv_heads, capacity, head_dim]; the buffer is [:, :, :n_buffer], and
-        # k_buffer / v_buffer are views of it, made once per change (a slice costs a few us).
+        # The buffer's storage, [batch, kv_heads, capacity, head_dim]: the buffer is
+        # [:, :, :n_buffer]. K's carries the tag by which the attention function finds this
+        # layer (_set_storage).
         self._k_buf: torch.Tensor | None = None
         self._v_buf: torch.Tensor | None = None
         self.n_buffer = 0
-        self.k_buffer: torch.Tensor | None = None
-        self.v_buffer: torch.Tensor | None = None
         # bool [batch, kv_heads, capacity]: which tokens are real, in cache order (packed
         # order for the packed tokens, then the buffer), True past the last token; None
         # while every token is real (it is created when a prefill shows padding).
         self._valid: torch.Tensor | None = None
         # Tokens appended by update() that the attention function has not yet seen.
         self.unseen = 0
+        # The decode kernels' launch, prepared for the current packed blocks and storages
+        # (decode_plan); dropped when the store changes, so that it holds no old storage.
+        self._plan: DecodePlan | None = None
 
     # -- transformers' layer contract ------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         capacity = self.config.buffer_size + self.config.block_size
-        self._k_buf = key_states.new_empty(b, h, capacity, d)
-        self._v_buf = key_states.new_empty(b, h, capacity, d)
-        self._set_buffer(0)
+        self._set_storage(key_states.new_empty(b, h, capacity, d), key_states.new_empty(b, h, capacity, d))
+        self.n_buffer = 0
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``[batch, kv_heads, new, head_dim]`` K (after RoPE) and V to the buffer.
 
-        Returns the buffer (K, V); the attention function finds this layer through it.
+        Returns the buffer's storage (K, V) ``[batch, kv_heads, capacity, head_dim]``, whose
+        first ``n_buffer`` tokens are the buffer (transformers' StaticCache also returns its
+        whole storage): no view to make at each step. The attention function finds this
+        layer through it; it reads the buffer from the layer.
         """
         if self.unseen:
             raise RuntimeError(
@@ -120,15 +126,14 @@ class PackKVLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         n, new = self.n_buffer, key_states.shape[2]
         if n + new > self._k_buf.shape[2]:
-            self._k_buf = _moved(self._k_buf, 0, n, n + new)
-            self._v_buf = _moved(self._v_buf, 0, n, n + new)
+            self._set_storage(_moved(self._k_buf, 0, n, n + new), _moved(self._v_buf, 0, n, n + new))
         self._k_buf[:, :, n : n + new].copy_(key_states)
         self._v_buf[:, :, n : n + new].copy_(value_states)
-        self._set_buffer(n + new)
+        self.n_buffer = n + new
         self.unseen = new
         if self._valid is not None:
             self._reserve_valid(self.get_seq_length())
-        return self.k_buffer, self.v_buffer
+        return self._k_buf, self._v_buf
 
     def get_seq_length(self) -> int:
         return self.store.n_tokens + self.n_buffer
@@ -167,7 +172,8 @@ class PackKVLayer(CacheLayerMixin):
             )
         if keep < packed:
             self.store.truncate(keep // self.config.block_size)
-        self._set_buffer(keep - self.store.n_tokens)
+            self._plan = None
+        self.n_buffer = keep - self.store.n_tokens
         if self._valid is not None:
             self._valid[:, :, keep:length] = True  # the invariant: True past the last token
         self.unseen = max(0, self.unseen - (length - keep))
@@ -178,9 +184,8 @@ class PackKVLayer(CacheLayerMixin):
         indices = indices.to(self._k_buf.device)
         if not self.store.is_empty:
             self.store.select_batch(indices)
-        self._k_buf = self._k_buf.index_select(0, indices)
-        self._v_buf = self._v_buf.index_select(0, indices)
-        self._set_buffer(self.n_buffer)
+        self._plan = None
+        self._set_storage(self._k_buf.index_select(0, indices), self._v_buf.index_select(0, indices))
         if self._valid is not None:
             self._valid = self._valid.index_select(0, indices)
 
@@ -203,14 +208,21 @@ class PackKVLayer(CacheLayerMixin):
     prefetch = offload
 
     # -- packkv ----------------------------------------------------------------------------
-    def _set_buffer(self, n_buffer: int) -> None:
-        """Hold ``n_buffer`` buffer tokens: ``k_buffer`` / ``v_buffer`` become the views
-        ``[batch, kv_heads, n_buffer, head_dim]`` of the storage; K's view carries the tag by
-        which the attention function finds this layer."""
-        self.n_buffer = n_buffer
-        self.k_buffer = self._k_buf[:, :, :n_buffer]
-        self.v_buffer = self._v_buf[:, :, :n_buffer]
-        setattr(self.k_buffer, _LAYER_ATTR, weakref.ref(self))
+    def _set_storage(self, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
+        """Make ``k_buf`` / ``v_buf`` ``[batch, kv_heads, capacity, head_dim]`` the buffer's
+        storage; K's carries the tag by which the attention function finds this layer."""
+        self._k_buf, self._v_buf = k_buf, v_buf
+        setattr(k_buf, _LAYER_ATTR, weakref.ref(self))
+
+    @property
+    def k_buffer(self) -> torch.Tensor | None:
+        """The buffer's K ``[batch, kv_heads, n_buffer, head_dim]``, a view (None before the first update)."""
+        return None if self._k_buf is None else self._k_buf[:, :, : self.n_buffer]
+
+    @property
+    def v_buffer(self) -> torch.Tensor | None:
+        """The buffer's V ``[batch, kv_heads, n_buffer, head_dim]``, a view (None before the first update)."""
+        return None if self._v_buf is None else self._v_buf[:, :, : self.n_buffer]
 
     @property
     def packed_valid(self) -> torch.Tensor | None:
@@ -225,6 +237,27 @@ class PackKVLayer(CacheLayerMixin):
         if self._valid is None:
             return None
         return self._valid[:, :, : self.get_seq_length()]
+
+    def decode_plan(self, query: torch.Tensor, scaling: float) -> DecodePlan:
+        """The kernels' launch for a decode step of ``query [batch, q_heads, 1, head_dim]``
+        (fp16/bf16, the buffer's dtype) at softmax scale ``scaling``.
+
+        Prepared on the buffer's and the mask's storage (the step passes the buffer's length),
+        so it serves every step until the packed blocks, one of those storages, the query's
+        heads or the scale change; it is validated when it is made.
+        """
+        k, v, plan = self.store.k, self.store.v, self._plan
+        if (
+            plan is not None and plan.k is k and plan.v is v and plan.k_tail is self._k_buf
+            and plan.v_tail is self._v_buf and plan.mask is self._valid and plan.q_heads == query.shape[1]
+            and plan.sm_scale == scaling
+        ):
+            return plan
+        q = query[:, :, 0]
+        kv = PackedKV(k=k, v=v, k_tail=self.k_buffer, v_tail=self.v_buffer, config=self.config, dtype=self.dtype)
+        check_attention(q, kv, self.valid_mask())
+        self._plan = DecodePlan(q, k, v, self._k_buf, self._v_buf, scaling, self._valid, splits=None)
+        return self._plan
 
     def settle(self, new_valid: torch.Tensor | None) -> None:
         """Record which of the ``unseen`` newest tokens are real, then compress overflow.
@@ -260,6 +293,7 @@ class PackKVLayer(CacheLayerMixin):
         blocks = max(0, self.n_buffer - self.config.buffer_size) // s
         if blocks == 0:
             return
+        self._plan = None
         b, h, _, d = self._k_buf.shape
         step = max(1, APPEND_ELEMENTS // (b * h * s * d))
         for first in range(0, blocks, step):
@@ -275,9 +309,9 @@ class PackKVLayer(CacheLayerMixin):
         # Fresh buffers: the rest moves to the front (the old and new places overlap), and
         # a long prefill's buffer is freed.
         capacity = max(self.config.buffer_size + s, self.n_buffer - cut)
-        self._k_buf = _moved(self._k_buf, cut, self.n_buffer, capacity)
-        self._v_buf = _moved(self._v_buf, cut, self.n_buffer, capacity)
-        self._set_buffer(self.n_buffer - cut)
+        n = self.n_buffer
+        self._set_storage(_moved(self._k_buf, cut, n, capacity), _moved(self._v_buf, cut, n, capacity))
+        self.n_buffer = n - cut
 
     def nbytes(self) -> dict[str, int]:
         """Byte counts of this layer.
@@ -398,19 +432,32 @@ def _allowed(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask == 0  # an additive float mask: 0 where attended
 
 
-def _check_supported(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+# Attention modules whose attributes _check_supported accepted: they come from the model's
+# config, and looking up absent attributes of a Module (an exception each) costs microseconds
+# a layer and step.
+_SERVED_MODULES: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _check_supported(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
     if kwargs.get("output_attentions"):
         raise NotImplementedError("the packkv attention does not return attention weights (output_attentions)")
-    if getattr(module, "sliding_window", None) is not None or kwargs.get("sliding_window") is not None:
+    if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("the packkv attention does not serve sliding-window layers")
-    if kwargs.get("softcap") is not None or getattr(module, "attn_logit_softcapping", None) is not None:
+    if kwargs.get("softcap") is not None:
         raise NotImplementedError("the packkv attention does not serve attention logit soft-capping")
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("the packkv attention does not serve attention sinks (s_aux)")
+    if module.training and dropout:
+        raise NotImplementedError("the packkv attention is for inference: attention dropout is not supported")
+    if module in _SERVED_MODULES:
+        return
+    if getattr(module, "sliding_window", None) is not None:
+        raise NotImplementedError("the packkv attention does not serve sliding-window layers")
+    if getattr(module, "attn_logit_softcapping", None) is not None:
+        raise NotImplementedError("the packkv attention does not serve attention logit soft-capping")
     if not getattr(module, "is_causal", True):
         raise NotImplementedError("the packkv attention serves causal attention only")
-    if module.training and kwargs.get("dropout", 0.0):
-        raise NotImplementedError("the packkv attention is for inference: attention dropout is not supported")
+    _SERVED_MODULES.add(module)
 
 
 def _prefill(layer: PackKVLayer, query: torch.Tensor, allowed: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -450,7 +497,10 @@ def _prefill(layer: PackKVLayer, query: torch.Tensor, allowed: torch.Tensor | No
 
 
 def _decode(layer: PackKVLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    """One query token ``[b, hq, 1, d]`` over the packed blocks and the buffer: ``[b, hq, 1, d]``."""
+    """One query token ``[b, hq, 1, d]`` over the packed blocks and the buffer: ``[b, 1, hq, d]``."""
+    if query.dtype is layer.dtype and query.dtype in QUERY_DTYPES and use_triton(query.device):
+        # The kernels on the buffer's storage: per step, one output and two launches.
+        return layer.decode_plan(query, scaling).run(query, layer.n_buffer).unsqueeze(1)
     q, k_tail, v_tail = query[:, :, 0], layer.k_buffer, layer.v_buffer
     if q.dtype not in QUERY_DTYPES:
         # The kernels take fp16/bf16: an fp32 model's query and buffer are rounded to fp16.
@@ -459,7 +509,7 @@ def _decode(layer: PackKVLayer, query: torch.Tensor, scaling: float) -> torch.Te
         k=layer.store.k, v=layer.store.v, k_tail=k_tail, v_tail=v_tail, config=layer.config, dtype=k_tail.dtype,
     )
     out = decode_attention(q, kv, sm_scale=scaling, mask=layer.valid_mask())
-    return out.to(query.dtype).unsqueeze(2)
+    return out.to(query.dtype).unsqueeze(1)
 
 
 def packkv_attention(
@@ -478,8 +528,8 @@ def packkv_attention(
         module: the attention module (``is_causal``, ``sliding_window`` are checked).
         query: ``[batch, heads, q_len, head_dim]``.
         key, value: what the cache's ``update`` returned. From a :class:`PackKVCache`, the
-            layer's buffer; from any other cache (or none), the whole K and V, attended
-            with plain SDPA.
+            storage of the layer's buffer (the layer says how much of it is used); from any
+            other cache (or none), the whole K and V, attended with plain SDPA.
         attention_mask: transformers' 4D mask ``[batch, 1, q_len, kv_len]`` (bool, True
             where attended, or additive float) or None for plain causal attention.
         scaling: softmax scale (``head_dim ** -0.5`` when None).
@@ -487,7 +537,7 @@ def packkv_attention(
     Returns:
         ``([batch, q_len, heads, head_dim], None)``.
     """
-    _check_supported(module, {**kwargs, "dropout": dropout})
+    _check_supported(module, dropout, kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     layer_ref = getattr(key, _LAYER_ATTR, None)
     layer = None if layer_ref is None else layer_ref()
@@ -504,10 +554,10 @@ def packkv_attention(
         # generate extends the mask with ones: reading it would cost a host sync a layer.
         out = _decode(layer, query, scaling)
         layer.settle(None)
-    else:
-        allowed = _allowed(attention_mask)
-        out = _prefill(layer, query, allowed, scaling)
-        layer.settle(None if allowed is None else allowed[:, 0, -1, -layer.unseen :])
+        return out, None
+    allowed = _allowed(attention_mask)
+    out = _prefill(layer, query, allowed, scaling)
+    layer.settle(None if allowed is None else allowed[:, 0, -1, -layer.unseen :])
     return out.transpose(1, 2).contiguous(), None
 
 

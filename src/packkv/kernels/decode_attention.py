@@ -13,8 +13,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 
-from ..codec.format import PackedKV
+from ..codec.format import PackedKV, PackedTensor
 from . import _common
 from ._common import check_attention, n_splits, use_asm, use_triton
 from .planes import (
@@ -184,44 +185,131 @@ def _combine_kernel(
     tl.store(out_ptr + b * s_ob + h * s_oh + chan * s_od, out.to(out_ptr.dtype.element_ty))
 
 
+class DecodePlan:
+    """A decode-attention launch prepared once and run for many query tokens.
+
+    While a cache adds tokens only to its fp16 tail, everything a launch needs but the
+    query, the tail's length and the output stays the same: the packed blocks, the storages
+    of the tail and of the mask, the splits, the buffers of partial results and the ~90
+    kernel arguments. A plan derives them once; :meth:`run` allocates the output, sets the
+    query and the tail length, and launches the two kernels.
+
+    The first launch of each kernel goes through Triton's dispatcher, which specializes
+    every argument (pointer alignment, integers equal to 1 or divisible by 16) to compile
+    or find the kernel: about 20 us of host time for ~90 arguments. Later launches call the
+    compiled kernel it returned (``CompiledKernel[grid]``, the launch the dispatcher itself
+    ends with). That is sound because, of the specialized arguments, only the query can
+    change from one run to the next (the tail length is not specialized, the output is a
+    fresh allocation like the first): a query of other strides or alignment goes through
+    the dispatcher again. Under Triton's interpreter every launch does.
+
+    Args:
+        q: a query like those :meth:`run` will get, fp16/bf16 ``[batch, q_heads, head_dim]``
+            or ``[batch, q_heads, 1, head_dim]``; only its shape, dtype and device are kept.
+        k, v: the packed blocks.
+        k_tail, v_tail: ``[batch, kv_heads, capacity, head_dim]`` fp16/bf16 whose first
+            ``tail_len`` tokens (:meth:`run`) are the tail: the tail itself, or the storage
+            it is a view of. A capacity above 0 gives the tail a split of its own.
+        sm_scale: score multiplier.
+        mask: bool ``[batch, 1 or kv_heads, tokens]`` in cache order (the packed tokens, then
+            the tail), covering every tail length run will get; or None.
+        splits: chunks of the packed sequence per (batch, KV head); None: the heuristic.
+
+    Nothing is validated here: :func:`decode_attention` checks its inputs, and the cache
+    checks its data when it builds a plan.
+    """
+
+    def __init__(
+        self, q: torch.Tensor, k: PackedTensor, v: PackedTensor, k_tail: torch.Tensor, v_tail: torch.Tensor,
+        sm_scale: float, mask: torch.Tensor | None, splits: int | None,
+    ) -> None:
+        self.k, self.v, self.k_tail, self.v_tail, self.mask, self.sm_scale = k, v, k_tail, v_tail, mask, sm_scale
+        batch, q_heads, head_dim = q.shape[0], q.shape[1], q.shape[-1]
+        self.q_heads, self.dtype = q_heads, q.dtype
+        n_words = k.n_tokens // 32
+        settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
+        tw = settings["tile_words"]
+        n_tiles = -(-n_words // tw)
+        n_pack_splits = 0 if n_tiles == 0 else n_splits(batch * k.heads, n_tiles, q.device, splits, settings["programs_per_sm"])
+        per_split = max(1, -(-n_tiles // max(n_pack_splits, 1)))
+        n_pack_splits = -(-n_tiles // per_split)
+        n_split = n_pack_splits + (k_tail.shape[2] > 0)
+        m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty(batch, q_heads, n_split, head_dim, dtype=torch.float32, device=q.device)
+        if mask is None:
+            mask_arg, mask_strides = k_tail, (0, 0, 0)  # any pointer: the kernel reads no mask
+        else:
+            mask_arg = mask.expand(-1, k.heads, -1).view(torch.uint8)
+            mask_strides = mask_arg.stride()
+        # Every argument in the kernel's order, constexprs too: the list the dispatcher hands
+        # to the compiled kernel. run() sets the query, its strides and the tail length.
+        self._decode_args = _in_order(
+            _decode_kernel, q, m_part, l_part, acc_part, *packed_args(k), *packed_args(v),
+            k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), mask_arg, *mask_strides, *_query_strides(q),
+            k.heads, n_words, per_split, n_pack_splits, n_split, 0, sm_scale * LOG2E,
+            GROUP=q_heads // k.heads, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
+            K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
+            TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device),
+        )
+        self._out_shape = (batch, q_heads, head_dim)
+        # run() sets the output; it is contiguous.
+        self._combine_args = _in_order(
+            _combine_kernel, m_part, l_part, acc_part, None, q_heads * head_dim, head_dim, 1, q_heads, n_split,
+            CHUNK=COMBINE_CHUNK, D=head_dim,
+        )
+        # Three dimensions: a compiled kernel's launcher reads grid[2] (the dispatcher pads).
+        self._grids = ((batch * k.heads, n_split, 1), (batch * q_heads, 1, 1))
+        self._options = settings["options"]
+        # The compiled kernels' launchers, and the query layout they were specialized for.
+        self._launch: tuple | None = None
+        self._q_layout: tuple | None = None
+
+    def run(self, q: torch.Tensor, tail_len: int) -> torch.Tensor:
+        """Attention of ``q`` (the plan's shape and dtype) over the packed blocks and the
+        first ``tail_len`` tail tokens: ``[batch, q_heads, head_dim]`` in q's dtype."""
+        decode_args, combine_args = self._decode_args, self._combine_args
+        strides = _query_strides(q)
+        decode_args[_Q], decode_args[_S_QB], decode_args[_S_QH], decode_args[_S_QD] = q, *strides
+        decode_args[_TAIL_LEN] = tail_len
+        out = combine_args[_OUT] = torch.empty(self._out_shape, dtype=q.dtype, device=q.device)
+        layout = (strides, q.data_ptr() % 16)
+        if self._launch is not None and layout == self._q_layout:
+            decode, combine = self._launch
+            decode(*decode_args)
+            combine(*combine_args)
+            return out
+        decode_grid, combine_grid = self._grids
+        decode = _decode_kernel[decode_grid](*decode_args, **self._options)
+        combine = _combine_kernel[combine_grid](*combine_args)
+        if isinstance(decode, CompiledKernel) and isinstance(combine, CompiledKernel):
+            self._launch, self._q_layout = (decode[decode_grid], combine[combine_grid]), layout
+        return out
+
+
+def _query_strides(q: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and channel strides of a query ``[batch, q_heads, (1,) head_dim]``."""
+    return q.stride(0), q.stride(1), q.stride(-1)
+
+
+def _in_order(kernel, *args, **constexprs) -> list:
+    """The arguments of a launch of ``kernel`` as one list in its parameters' order: the
+    positional ones first, as a launch takes them, then the constexprs by name."""
+    names = kernel.arg_names
+    if len(args) + len(constexprs) != len(names):
+        raise TypeError(f"{kernel.fn.__name__} takes {len(names)} arguments, got {len(args) + len(constexprs)}")
+    return [*args, *(constexprs[name] for name in names[len(args):])]
+
+
+_Q, _S_QB, _S_QH, _S_QD, _TAIL_LEN = map(_decode_kernel.arg_names.index, ("q_ptr", "s_qb", "s_qh", "s_qd", "tail_len"))
+_OUT = _combine_kernel.arg_names.index("out_ptr")
+
+
 def decode_attention_triton(
     q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None, splits: int | None
 ) -> torch.Tensor:
     """Triton :func:`decode_attention` (inputs already validated)."""
-    batch, q_heads, head_dim = q.shape
-    k, v = kv.k, kv.v
-    group = q_heads // k.heads
-    tail_len = kv.k_tail.shape[2]
-    n_words = k.n_tokens // 32
-    settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
-    tw = settings["tile_words"]
-    n_tiles = -(-n_words // tw)
-    n_pack_splits = 0 if n_tiles == 0 else n_splits(batch * k.heads, n_tiles, q.device, splits, settings["programs_per_sm"])
-    per_split = max(1, -(-n_tiles // max(n_pack_splits, 1)))
-    n_pack_splits = -(-n_tiles // per_split)
-    n_split = n_pack_splits + (tail_len > 0)
-    m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
-    acc_part = torch.empty(batch, q_heads, n_split, head_dim, dtype=torch.float32, device=q.device)
-    if mask is None:
-        mask_arg, mask_strides = q, (0, 0, 0)
-    else:
-        mask_arg = mask.expand(-1, k.heads, -1).view(torch.uint8)
-        mask_strides = mask_arg.stride()
-    _decode_kernel[(batch * k.heads, n_split)](
-        q, m_part, l_part, acc_part, *packed_args(k), *packed_args(v),
-        kv.k_tail, *kv.k_tail.stride(), kv.v_tail, *kv.v_tail.stride(),
-        mask_arg, *mask_strides, *q.stride(),
-        k.heads, n_words, per_split, n_pack_splits, n_split, tail_len, sm_scale * LOG2E,
-        GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
-        K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
-        TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), **settings["options"],
-    )
-    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
-    _combine_kernel[(batch * q_heads,)](
-        m_part, l_part, acc_part, out, *out.stride(), q_heads, n_split, CHUNK=COMBINE_CHUNK, D=head_dim,
-    )
-    return out
+    return DecodePlan(q, kv.k, kv.v, kv.k_tail, kv.v_tail, sm_scale, mask, splits).run(q, kv.k_tail.shape[2])
 
 
 def decode_attention(
