@@ -131,17 +131,25 @@ def check_attention(q: torch.Tensor, kv: PackedKV, mask: torch.Tensor | None) ->
     return group
 
 
-def n_splits(work_items: int, n_tiles: int, device: torch.device, requested: int | None, programs_per_sm: int) -> int:
-    """Chunks the packed sequence is cut into per (batch, KV head), each whole tiles.
+def tile_splits(
+    work_items: int, n_words: int, tile_words: int, device: torch.device, requested: int | None, programs_per_sm: int
+) -> tuple[int, int]:
+    """How a (batch, KV head)'s ``n_words`` packed words are cut into chunks of whole tiles
+    of ``tile_words`` words: ``(tiles_per_split, splits)``, ``splits`` 0 when there is no word.
 
-    Enough programs for ``programs_per_sm`` on every multiprocessor; each chunk keeps at
-    least one tile. ``requested`` (tests, tuning) overrides the heuristic.
+    Enough chunks for ``programs_per_sm`` programs on every multiprocessor over the
+    ``work_items`` (batch, KV head) pairs; each chunk keeps at least one tile. ``requested``
+    (tests, tuning) overrides the heuristic.
     """
+    n_tiles = -(-n_words // tile_words)
+    if n_tiles == 0:
+        return 1, 0
     if requested is not None:
         if requested < 1:
             raise ValueError(f"n_splits must be >= 1, got {requested}")
-        return max(1, min(requested, n_tiles))
-    if n_tiles == 0:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(n_tiles, -(-programs_per_sm * sms // max(work_items, 1))))
+        wanted = min(requested, n_tiles)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        wanted = max(1, min(n_tiles, -(-programs_per_sm * sms // max(work_items, 1))))
+    per_split = -(-n_tiles // wanted)
+    return per_split, -(-n_tiles // per_split)

@@ -17,7 +17,7 @@ from triton.compiler import CompiledKernel
 
 from ..codec.format import PackedKV, PackedTensor
 from . import _common
-from ._common import check_attention, n_splits, use_asm, use_triton
+from ._common import check_attention, tile_splits, use_asm, use_triton
 from .planes import (
     fetch_meta, load_query_tile, packed_args, pow2_rows, side_pointers, split_halves, split_tiles, stage_tile, tile_tokens,
 )
@@ -229,10 +229,8 @@ class DecodePlan:
         n_words = k.n_tokens // 32
         settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
         tw = settings["tile_words"]
-        n_tiles = -(-n_words // tw)
-        n_pack_splits = 0 if n_tiles == 0 else n_splits(batch * k.heads, n_tiles, q.device, splits, settings["programs_per_sm"])
-        per_split = max(1, -(-n_tiles // max(n_pack_splits, 1)))
-        n_pack_splits = -(-n_tiles // per_split)
+        per_split, n_pack_splits = tile_splits(batch * k.heads, n_words, tw, q.device, splits,
+                                               settings["programs_per_sm"])
         n_split = n_pack_splits + (k_tail.shape[2] > 0)
         m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ..codec.format import PackedTensor
 from . import _common
-from ._common import check_packed, check_probs, n_splits, use_asm, use_triton
+from ._common import check_packed, check_probs, tile_splits, use_asm, use_triton
 from .planes import (
     fetch_meta, high_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_tiles, stage_tile, tile_tokens,
 )
@@ -123,9 +123,7 @@ def pv_triton(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> to
         return torch.zeros(batch, q_heads, v.head_dim, dtype=torch.float32, device=p.device)
     settings = _common.launch_settings("pv", v.head_dim, v.block_size, v.grouping == "channel")
     tw = settings["tile_words"]
-    n_tiles = -(-n_words // tw)
-    per_split = -(-n_tiles // n_splits(batch * v.heads, n_tiles, p.device, splits, settings["programs_per_sm"]))
-    n_split = -(-n_tiles // per_split)
+    per_split, n_split = tile_splits(batch * v.heads, n_words, tw, p.device, splits, settings["programs_per_sm"])
     partial = torch.empty(batch, q_heads, n_split, v.head_dim, dtype=torch.float32, device=p.device)
     _pv_kernel[(batch * v.heads, n_split)](
         p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3],

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ..codec.format import PackedTensor
 from . import _common
-from ._common import check_packed, check_query, n_splits, use_asm, use_triton
+from ._common import check_packed, check_query, tile_splits, use_asm, use_triton
 from .planes import (
     fetch_meta, high_tile, load_query_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_halves, split_tiles,
     stage_tile, tile_tokens,
@@ -118,9 +118,8 @@ def qk_triton(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> to
         return out
     settings = _common.launch_settings("qk", k.head_dim, k.block_size, k.grouping == "channel")
     tw = settings["tile_words"]
-    n_tiles = -(-n_words // tw)
-    per_split = -(-n_tiles // n_splits(batch * k.heads, n_tiles, q.device, splits, settings["programs_per_sm"]))
-    grid = (batch * k.heads, -(-n_tiles // per_split))
+    per_split, n_split = tile_splits(batch * k.heads, n_words, tw, q.device, splits, settings["programs_per_sm"])
+    grid = (batch * k.heads, n_split)
     _qk_kernel[grid](
         q, out, *packed_args(k), *q.stride(), *out.stride(),
         k.heads, n_words, per_split,
