@@ -55,30 +55,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], reps: int, device: torch.device, sync_every: int = 8) -> dict[str, float]:
-    """Host microseconds per call (median, mean; the device synchronized every ``sync_every``
-    calls, untimed) and wall microseconds per call of ``reps`` calls ended by a synchronize."""
-    fn()
-    host = []
-    for i in range(reps):
-        if i % sync_every == 0:
-            sync(device)
-        start = time.perf_counter()
-        fn()
-        host.append(time.perf_counter() - start)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    sync(device)
-    wall = time.perf_counter() - start
-    return {"host_us": 1e6 * statistics.median(host), "host_mean_us": 1e6 * statistics.fmean(host),
-            "wall_us": 1e6 * wall / reps}
+def timed(fn: Callable[[], object], reps: int, device: torch.device) -> dict[str, float]:
+    """Host microseconds per call (median, mean) and wall microseconds per call of ``fn``:
+    :func:`timed_step` of a step of one part."""
+    return timed_step([("call", fn)], reps, device)["step"]
 
 
 def timed_step(parts: list[tuple[str, Callable[[], object]]], reps: int, device: torch.device) -> dict[str, dict]:
-    """Like :func:`timed` for the parts of a step that must run in order (``update``, then the
-    attention): each part's host time, and the whole step's (host and wall)."""
+    """The parts of a step that must run in order (``update``, then the attention), ``reps``
+    steps after one untimed: each part's host microseconds and the whole step's (median and
+    mean, each step timed alone, the device synchronized every 8 steps outside the timing),
+    and the step's wall microseconds over ``reps`` steps ended by a synchronize."""
     host = {name: [] for name, _ in parts}
     host["step"] = []
     for i in range(reps + 1):
