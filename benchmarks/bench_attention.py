@@ -231,9 +231,10 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
     return rows
 
 
-def sweep_variants(chunks: dict, reps: int) -> list[dict]:
+def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16), caps=(None, 128)) -> list[dict]:
     """Times of the three kernels at T = 32K for tile sizes, programs per multiprocessor and
-    register caps (the same setting for all three kernels).
+    register caps (the same setting for all three kernels; every combination of the three
+    lists, a cap of None being no cap).
 
     Shapes: Llama batch 1 and 8, SmolLM2 batch 8, each over copies of its cache in rotation
     (more than the L2 holds). Each setting is timed twice (the second time after all
@@ -249,7 +250,7 @@ def sweep_variants(chunks: dict, reps: int) -> list[dict]:
         q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
         p = torch.softmax(torch.randn(batch, shape.q_heads, 32768, device="cuda"), -1).half()
         cases.append((shape, batch, sets, q, p))
-    settings = [(tw, pps, regs) for tw in (2, 4) for pps in (8, 16) for regs in (None, 128)]
+    settings = [(tw, pps, regs) for tw in tile_words for pps in programs for regs in caps]
     rows = []
     for attempt in (1, 2):
         for tw, pps, regs in settings:
@@ -266,6 +267,14 @@ def sweep_variants(chunks: dict, reps: int) -> list[dict]:
     return rows
 
 
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def caps(text: str) -> list[int | None]:
+    return [None if x == "none" else int(x) for x in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=".kvdata/smollm2_kv.pt", help="file written by capture_kv.py")
@@ -277,6 +286,11 @@ def main() -> None:
     parser.add_argument("--programs-per-sm", type=int, help="override the split heuristic's programs per multiprocessor")
     parser.add_argument("--max-registers", type=int, help="override the register cap a thread (Triton maxnreg)")
     parser.add_argument("--variants", action="store_true", help="first time tile sizes x programs per SM x register caps at T=32K")
+    parser.add_argument("--variant-tile-words", type=ints, default=[2, 4], help="tile words --variants tries")
+    parser.add_argument("--variant-programs", type=ints, default=[8, 16], help="programs per SM --variants tries")
+    parser.add_argument("--variant-caps", type=caps, default=[None, 128],
+                        help="register caps --variants tries ('none': no cap), e.g. none,128,144")
+    parser.add_argument("--variants-only", action="store_true", help="stop after --variants (no table)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs an NVIDIA GPU")
@@ -295,7 +309,13 @@ def main() -> None:
         check_correctness(chunks, log)
     copy_bw = copy_bandwidth(reps)
     print(f"copy bandwidth (read + written): {copy_bw / 1e9:.0f} GB/s", flush=True)
-    variants = sweep_variants(chunks, reps) if args.variants else []
+    variants = (sweep_variants(chunks, reps, args.variant_tile_words, args.variant_programs, args.variant_caps)
+                if args.variants or args.variants_only else [])
+    if args.variants_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device, "date": date, "copy_bandwidth": copy_bw, "variants": variants}, f, indent=1)
+        return
     kernel_settings.NUM_WARPS, kernel_settings.TILE_WORDS = args.num_warps, args.tile_words
     kernel_settings.PROGRAMS_PER_SM, kernel_settings.MAX_REGISTERS = args.programs_per_sm, args.max_registers
     config = PackKVConfig()

@@ -273,9 +273,26 @@ def test_growth_is_geometric_and_allocation_tracks_use():
         store.append(k, v)
     # Metadata (K and V: 2 each) and each pool grow by GROWTH: O(log n) reallocations.
     assert store.reallocations <= 4 * (math.ceil(math.log(n) / math.log(GROWTH)) + 1)
-    room = 2 * 4 * (2 * store._block_word_bound() + 1)  # two blocks at their largest, per pool
+    # Two blocks at their largest (the side's width_bound), per pool, and one word.
+    room = 4 * sum(2 * store._block_word_bound(side) + 1 for side in (0, 1))
     assert store.allocated_nbytes <= GROWTH * store.nbytes + room + MIN_GROWTH_BLOCKS * (store.nbytes // n)
     assert torch.equal(decode_tensor(store.k)[:, :, -32:], decode_tensor(store.k)[:, :, :32])
+
+
+def test_a_large_append_is_fitted_with_room_not_growth():
+    # A prefill: its words and metadata are allocated as they come, plus room for the next
+    # blocks; only later small appends grow the buffers geometrically.
+    config = PackKVConfig(block_size=32, pack_size=32, repack="none")
+    store = PackedStore(config, initial_blocks=1)
+    k, v = random_kv((2, 2, 32 * 64, 16), seed=5)
+    store.append(k, v)
+    for side, view in enumerate((store.k, store.v)):
+        capacity = store._bufs[side].words.numel()
+        assert view.words.numel() < capacity <= view.words.numel() + 2 * store._block_word_bound(side)
+    assert store._bufs[0].scale.shape[2] == 64 + 2
+    before = store.allocated_nbytes
+    store.append(k[:, :, :32], v[:, :, :32])  # within the room: nothing reallocated
+    assert store.allocated_nbytes == before
 
 
 def test_select_batch_and_truncate():

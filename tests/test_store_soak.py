@@ -7,6 +7,7 @@ import torch
 
 from packkv import PackKVConfig, compress_kv
 from packkv.codec import decode_tensor
+from packkv.codec.quantize import level_bits
 from packkv.codec.validate import validate_packed
 from packkv.kernels.encode import pack_word_bound
 from packkv.store import GROWTH, MIN_GROWTH_BLOCKS, PackedStore
@@ -43,7 +44,8 @@ def test_one_token_appends_for_20k_steps(config):
     # The allocation is at most GROWTH times the bytes used, plus what a growth adds beyond
     # that (store.allocated_nbytes): per pool, room for two blocks at their largest and one
     # word of rounding; the metadata of the smallest allocation or growth step, in blocks.
-    room = 2 * 4 * (2 * pack_word_bound(d, config.pack_size) + 1)
+    # (at the side's width_bound: no width exceeds level_bits of its rel).
+    room = 4 * sum(2 * pack_word_bound(d, config.pack_size, level_bits(rel)) + 1 for rel in (config.k_rel, config.v_rel))
     fill = 0
     perms = []
     copied = 0  # bytes copied by reallocations, at most the size of each buffer replaced

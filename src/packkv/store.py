@@ -4,8 +4,10 @@ A store keeps, for K and for V, the tensors of a :class:`PackedTensor` in buffer
 spare capacity: the per-pack metadata (``offsets``, ``widths``, ``mins``) and the per-block
 ``scale`` / ``zero`` along their pack or block dimension, and the bit-plane words in one
 flat pool. New packs' words go after the pool's used part (the format lets offsets point
-anywhere in the pool). A full buffer is reallocated at ``GROWTH`` times what it must hold,
-so a token's cost is amortized O(1) and nothing already stored is touched otherwise.
+anywhere in the pool). A full buffer is reallocated to hold what it must plus room for the
+next blocks, and at least ``GROWTH`` times what it held: an append of a few blocks (decode)
+leaves at most 1/32 spare, an append larger than that (a prefill) leaves only the room, and
+a token's cost is amortized O(1) either way. Nothing already stored is touched otherwise.
 
 Appending without a device sync. How many words a block takes depends on its values, so
 on the GPU (the fused encoder, :func:`packkv.kernels.encode.fused_serves`) the pool's used
@@ -48,12 +50,13 @@ from .kernels.encode import (
     pack_word_bound,
 )
 
-# Why 1/16: the spare capacity is at most a sixteenth of the used bytes, so a cache that
-# compresses 4.3x allocates at most a quarter of its fp16 bytes (1.25 gave 11-25% spare
-# capacity, measured, which alone broke that bound); a word is still copied O(1) times: at
-# most 1 / (GROWTH - 1) = 16 copies of the final allocation in all, a few ms a layer over a
-# 64K-token prefill at batch 8 on an H100 (copies run at memory speed), against seconds.
-GROWTH = 1.0625
+# Why 1/32: the spare capacity is at most 1/32 of the used bytes, because real K and V at
+# the default setting take ~24% of their fp16 bytes (SmolLM2, docs/benchmarks.md) and the
+# target is a quarter: 1/16 measured 1.066-1.076x allocated / stored at 32K, 1/4 up to 1.25x.
+# A word is still copied O(1) times: at most 1 / (GROWTH - 1) = 32 copies of the final
+# allocation over a store's life, ~10 ms a layer for a 64K-token batch-8 Llama-8B-shaped
+# layer on an H100 (copies run at memory speed), against minutes of decoding.
+GROWTH = 1.03125
 # Metadata grows by at least this many blocks: a small store does not reallocate its
 # metadata at every block (a block's metadata is ~0.5 KB a head).
 MIN_GROWTH_BLOCKS = 16
@@ -98,7 +101,7 @@ class PackedStore:
         # Words used in each pool at the last read-back (an upper bound after a truncation),
         # and the most words the appends since then can have added to each.
         self._used = [0, 0]
-        self._pending = 0
+        self._pending = [0, 0]
         self._views: tuple[PackedTensor, PackedTensor] | None = None
         self._scratch = None  # the fused encoder's working memory, kept between appends
 
@@ -138,7 +141,7 @@ class PackedStore:
     def _prepare(self, batch: int, heads: int, head_dim: int, device: torch.device, new_blocks: int) -> None:
         """Allocate at the first append; make room for ``new_blocks`` more blocks' metadata."""
         if self._bufs is None:
-            blocks = max(self.initial_blocks, math.ceil(GROWTH * new_blocks))
+            blocks = max(self.initial_blocks, new_blocks + 2)
             self._bufs = [empty_buffers(batch, heads, blocks, head_dim, self.config, side, device) for side in "kv"]
             self._counts = new_counts(device)
             self._start_read_back(device)
@@ -156,7 +159,7 @@ class PackedStore:
         new_blocks = n // self.config.block_size
         self._prepare(b, h, d, k.device, new_blocks)
         self._fold()  # never waits; raises a rejected value of an earlier append
-        most = self._block_word_bound() * new_blocks
+        most = [self._block_word_bound(side) * new_blocks for side in (0, 1)]
         if not self._fits(most):
             self._settle()  # the exact lengths: one wait, for the last read-back
             if new_blocks > 1 and not self._fits(most):
@@ -165,22 +168,23 @@ class PackedStore:
                 packed, perm = encode_kv_fused(k, v, self.config)
                 self._append_packed(packed)
                 return perm
-            if new_blocks == 1 and not self._fits(2 * most):
+            if new_blocks == 1 and not self._fits([2 * m for m in most]):
                 # Room for this block and the next at their largest: the next append
                 # waits for nothing.
                 for i, used in enumerate(self._used):
-                    self._fit_words(i, used + most, keep=used)
+                    self._fit_words(i, used + most[i], keep=used)
         if self._scratch is None or self._scratch.blocks < b * h * new_blocks:
             self._scratch = new_scratch(b * h * new_blocks, d, self.config, k.device)
-        self._pending += most
+        self._pending = [pending + m for pending, m in zip(self._pending, most)]
         perm = encode_into(k, v, self.config, *self._bufs, self._n_blocks, self._counts, self.n_tokens, self._scratch)
         self._read_back()
         self._n_blocks += new_blocks
         return perm
 
-    def _fits(self, most: int) -> bool:
-        """Whether ``most`` more words fit every pool, whatever the appends in flight took."""
-        return all(used + self._pending + most <= buf.words.numel() for used, buf in zip(self._used, self._bufs))
+    def _fits(self, most: list[int]) -> bool:
+        """Whether ``most[i]`` more words fit pool i (K, V), whatever the appends in flight took."""
+        return all(used + pending + m <= buf.words.numel()
+                   for used, pending, m, buf in zip(self._used, self._pending, most, self._bufs))
 
     def _append_packed(self, packed: PackedKV) -> None:
         """Copy the blocks of ``packed`` (the reference codec's or :func:`encode_kv_fused`'s
@@ -210,15 +214,20 @@ class PackedStore:
     def _packs_per_block(self) -> int:
         return self.config.block_size // self.config.pack_size
 
-    def _block_word_bound(self) -> int:
-        """The most words one block (every batch row and head) can add to a pool."""
-        return self.batch * self.heads * self._packs_per_block * pack_word_bound(self.head_dim, self.config.pack_size)
+    def _block_word_bound(self, side: int) -> int:
+        """The most words one block (every batch row and head) can add to pool ``side`` (0: K,
+        1: V): every channel at the side's ``width_bound`` (the codec never writes a wider
+        width: ``level_bits`` of its rel), not at the format's 15 bits."""
+        width = self._bufs[side].width_bound
+        return self.batch * self.heads * self._packs_per_block * pack_word_bound(self.head_dim, self.config.pack_size, width)
 
     def _reserve_blocks(self, blocks: int) -> None:
         capacity = self._bufs[0].scale.shape[2]
         if blocks <= capacity:
             return
-        rows = max(self.initial_blocks, math.ceil(GROWTH * blocks), capacity + MIN_GROWTH_BLOCKS)
+        # Geometric in what is held (amortized O(1) a block), but an append of many blocks
+        # (a prefill) gets what it needs and two blocks more, not GROWTH times that.
+        rows = max(self.initial_blocks, blocks + 2, math.ceil(GROWTH * capacity), capacity + MIN_GROWTH_BLOCKS)
         used, ppb = self._n_blocks, self._packs_per_block
         self._bufs = [
             replace(
@@ -232,15 +241,17 @@ class PackedStore:
 
     def _fit_words(self, side: int, needed: int, keep: int) -> None:
         """Make pool ``side`` hold ``needed`` words plus one block at its largest, keeping
-        its first ``keep`` words; a new pool holds GROWTH times ``needed``, or two blocks more."""
+        its first ``keep`` words. A new pool holds ``needed`` and two blocks more, and at least
+        GROWTH times ``keep``: the copy of the kept words is paid for by a growth of 1/32 of
+        them, or by an append larger than that (whose spare is then only the room)."""
         words = self._bufs[side].words
-        room = self._block_word_bound()
+        room = self._block_word_bound(side)
         if needed + room <= words.numel():
             return
         if needed > MAX_WORDS:
             self._recount(self._n_blocks)  # forget the words of an append that cannot be stored
             raise ValueError(f"the store needs {needed} words, more than int32 offsets address ({MAX_WORDS})")
-        new = words.new_empty(min(max(math.ceil(GROWTH * needed), needed + 2 * room), MAX_WORDS))
+        new = words.new_empty(min(max(math.ceil(GROWTH * keep), needed + 2 * room), MAX_WORDS))
         new[:keep] = words[:keep]
         self._bufs[side] = replace(self._bufs[side], words=new)
         self._reallocations += 1
@@ -264,7 +275,7 @@ class PackedStore:
             self._event.synchronize()
         # Through numpy: reading host memory, not a tensor op.
         k_words, v_words, k_bad, v_bad = (int(x) for x in self._host.numpy())
-        self._used, self._pending, self._in_flight = [k_words, v_words], 0, False
+        self._used, self._pending, self._in_flight = [k_words, v_words], [0, 0], False
         if min(k_bad, v_bad) != NO_BAD_VALUE:
             self._reject(k_bad, v_bad)
 
@@ -381,7 +392,9 @@ class PackedStore:
         While the store only grows (no truncation, no smaller batch): at most
         ``GROWTH * nbytes``, plus per pool room for two blocks at their largest and one word
         (``_fit_words``; three blocks after a fused append), plus the metadata of
-        ``max(initial_blocks, MIN_GROWTH_BLOCKS)`` blocks (``_reserve_blocks``).
+        ``max(initial_blocks, MIN_GROWTH_BLOCKS)`` blocks (``_reserve_blocks``). Right after
+        an append that grew a pool by more than 1/32 (a prefill), that pool's spare is only
+        the room.
         """
         return 0 if self._bufs is None else sum(buf.nbytes for buf in self._bufs)
 
