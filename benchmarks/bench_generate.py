@@ -17,7 +17,10 @@ and Triton compiles that variant, before the timing), then ``--decode-tokens`` t
 (by default two blocks' worth: each layer packs exactly two blocks in them, the amortized
 rate). *tok/s*: batch x steps / CUDA-synchronized wall time; *ms/step* that time / steps;
 *med* and *max*: the median and longest step (CUDA events; on a GPU that keeps up with the
-host, a step that packs a block is the longest). SDPA is restricted to its flash and
+host, a step that packs a block is the longest); *host ms*: the median host time to
+enqueue a step (the Python call, not waiting for the device); *dev ms*: the device's busy time a step
+(kernel and copy durations summed by torch.profiler over 8 more steps): the work a cache
+gives the GPU, which a host-bound (batch-1) step's wall time hides. SDPA is restricted to its flash and
 memory-efficient kernels (see ``sdpa_backends``). Bytes of the cache: *fp16* (its tokens
 as fp16 K and V), *stored* (what it holds: for PackKVCache ``stats()``' stored bytes, for
 the others their tensors), *alloc* (GPU memory allocated by the cache after the prefill,
@@ -82,6 +85,8 @@ QUANTIZED_BACKENDS = (("quanto", {"nbits": 4}), ("hqq", {"nbits": 4}), ("fp8", {
 # 16 (Triton specializes integer arguments on divisibility by 16), then a block of decode.
 WARM_CHUNK = BENCH_PACKKV.buffer_size + 17 * BENCH_PACKKV.block_size
 WARM_CONTEXT = WARM_CHUNK + 16 * BENCH_PACKKV.block_size
+# Decode steps profiled for a row's device time (after the timed ones).
+DEVICE_STEPS = 8
 # The largest batch --fit tries.
 BATCH_LIMIT = 1024
 # Tokens of the real prompt whose K and V fill the caches of a --fit probe.
@@ -135,6 +140,8 @@ class Row:
     ms_per_step: float = 0.0  # mean over the timed steps
     ms_step_median: float = 0.0
     ms_step_max: float = 0.0
+    host_ms_step: float = 0.0  # median host time to enqueue a step
+    device_ms_step: float = 0.0  # the device's busy time a step (profiled), 0 on the CPU
     fp16_gib: float = 0.0  # the cache's tokens as fp16 K and V
     stored_gib: float = 0.0  # what the cache holds
     alloc_gib: float = 0.0  # GPU memory the cache allocated (on the CPU: its allocated_bytes)
@@ -218,24 +225,43 @@ def cache_bytes(cache, batch: int, config: LlamaConfig) -> dict[str, int]:
 
 
 @torch.no_grad()
-def decode(model, cache, nxt: torch.Tensor, steps: int, device: torch.device) -> tuple[torch.Tensor, list[float]]:
-    """``steps`` greedy decode steps from tokens ``nxt [batch, 1]``; the last tokens and each
-    step's milliseconds (CUDA events: the steps are not synchronized one by one)."""
-    times = []
-    if device.type == "cuda":
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+def decode(model, cache, nxt: torch.Tensor, steps: int,
+           device: torch.device) -> tuple[torch.Tensor, list[float], list[float]]:
+    """``steps`` greedy decode steps from tokens ``nxt [batch, 1]``; the last tokens, each
+    step's milliseconds (CUDA events: the steps are not synchronized one by one) and each
+    step's host milliseconds (the Python call that enqueues it; the same on the CPU)."""
+    times, host = [], []
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if device.type == "cuda" else []
+    if events:
         events[0].record()
-        for i in range(steps):
-            nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    for i in range(steps):
+        start = time.perf_counter()
+        nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        host.append(1e3 * (time.perf_counter() - start))
+        if events:
             events[i + 1].record()
+    if events:
         sync(device)
         times = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
     else:
-        for _ in range(steps):
-            start = time.perf_counter()
-            nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-            times.append(1e3 * (time.perf_counter() - start))
-    return nxt, times
+        times = host
+    return nxt, times, host
+
+
+def device_time(model, cache, nxt: torch.Tensor, steps: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``steps`` more decode steps under torch.profiler; the last tokens and the device's busy
+    milliseconds a step (the kernels' and copies' durations summed). A batch-1 step is bound
+    by the host, so its wall time says little about the work a cache gives the device."""
+    if device.type != "cuda":
+        return nxt, 0.0
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        nxt, _, _ = decode(model, cache, nxt, steps, device)
+        sync(device)
+    busy_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return nxt, busy_us / 1e3 / steps
 
 
 @torch.no_grad()
@@ -259,19 +285,20 @@ def run_one(model, make_cache, context: int, batch: int, args, device) -> Row:
     del logits
     prefill_peak = peak(device)
     reset_peak(device)
-    nxt, _ = decode(model, cache, nxt, args.warmup_steps, device)
+    nxt, _, _ = decode(model, cache, nxt, args.warmup_steps, device)
     sync(device)
     start = time.perf_counter()
-    nxt, times = decode(model, cache, nxt, args.decode_tokens, device)
+    nxt, times, host = decode(model, cache, nxt, args.decode_tokens, device)
     elapsed = time.perf_counter() - start
     decode_peak = peak(device)
+    nxt, device_ms = device_time(model, cache, nxt, DEVICE_STEPS, device)
     sizes = cache_bytes(cache, batch, model.config)
     if device.type != "cuda":
         alloc = sizes["allocated"]
     return Row(
         cache="", context=context, batch=batch, status="ok",
         decode_tok_s=batch * args.decode_tokens / elapsed, ms_per_step=1e3 * elapsed / args.decode_tokens,
-        ms_step_median=statistics.median(times), ms_step_max=max(times),
+        ms_step_median=statistics.median(times), ms_step_max=max(times), host_ms_step=statistics.median(host), device_ms_step=device_ms,
         fp16_gib=sizes["fp16"] / GiB, stored_gib=sizes["stored"] / GiB, alloc_gib=alloc / GiB,
         prefill_peak_gib=prefill_peak / GiB, decode_peak_gib=decode_peak / GiB, prefill_s=prefill_s,
         ratio=sizes["fp16"] / sizes["stored"] if sizes["stored"] else 0.0,
@@ -441,7 +468,7 @@ def fit(model, makers, args, device, budget: int | None) -> tuple[list[dict], in
 
 # -- output -----------------------------------------------------------------------------------------
 
-TABLE_HEAD = (f"{'cache':<18}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'med':>7}{'max':>7}"
+TABLE_HEAD = (f"{'cache':<18}{'context':>8}{'batch':>6}{'tok/s':>9}{'ms/step':>9}{'med':>7}{'max':>7}{'host ms':>8}{'dev ms':>8}"
               f"{'fp16 GiB':>10}{'stored':>8}{'alloc':>8}{'ratio':>7}{'peak pre':>10}{'peak dec':>10}{'prefill s':>11}")
 
 
@@ -449,7 +476,7 @@ def table_line(r: Row) -> str:
     if r.status != "ok":
         return f"{r.cache:<18}{r.context:>8}{r.batch:>6}  {r.status}"
     return (f"{r.cache:<18}{r.context:>8}{r.batch:>6}{r.decode_tok_s:>9.1f}{r.ms_per_step:>9.2f}"
-            f"{r.ms_step_median:>7.2f}{r.ms_step_max:>7.2f}{r.fp16_gib:>10.3f}{r.stored_gib:>8.3f}"
+            f"{r.ms_step_median:>7.2f}{r.ms_step_max:>7.2f}{r.host_ms_step:>8.2f}{r.device_ms_step:>8.2f}{r.fp16_gib:>10.3f}{r.stored_gib:>8.3f}"
             f"{r.alloc_gib:>8.3f}{r.ratio:>7.2f}{r.prefill_peak_gib:>10.2f}{r.decode_peak_gib:>10.2f}"
             f"{r.prefill_s:>11.2f}")
 
