@@ -54,8 +54,9 @@ from .kernels.encode import (
 # the default setting take ~24% of their fp16 bytes (SmolLM2, docs/benchmarks.md) and the
 # target is a quarter: 1/16 measured 1.066-1.076x allocated / stored at 32K, 1/4 up to 1.25x.
 # A word is still copied O(1) times: at most 1 / (GROWTH - 1) = 32 copies of the final
-# allocation over a store's life, ~10 ms a layer for a 64K-token batch-8 Llama-8B-shaped
-# layer on an H100 (copies run at memory speed), against minutes of decoding.
+# allocation over a store's life: for a 64K-token batch-8 Llama-8B-shaped layer (~280 MB a
+# pool) about 10 ms on an H100 at its ~2.4 TB/s copy rate (an estimate, not measured),
+# against minutes of decoding.
 GROWTH = 1.03125
 # Metadata grows by at least this many blocks: a small store does not reallocate its
 # metadata at every block (a block's metadata is ~0.5 KB a head).
