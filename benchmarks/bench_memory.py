@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 import time
 
 import torch
@@ -116,7 +117,9 @@ def main() -> None:
           "buffer / fp16 | s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for context in args.contexts:
+    for i, context in enumerate(args.contexts):
+        # A 32K-token prefill takes minutes on 2 CPU cores: say what is running.
+        print(f"[{i + 1}/{len(args.contexts)}] generating after a {context}-token prompt ...", file=sys.stderr, flush=True)
         prompt = token_windows(source, tokenizer, 1, context, split="eval").to(args.device)
         rows.append(measure(model, prompt, config, args.new_tokens))
         print(table_line(rows[-1], trained), flush=True)
