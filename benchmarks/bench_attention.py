@@ -37,6 +37,8 @@ from packkv.kernels import (
     decode_attention, decode_attention_reference, pv, pv_reference, qk, qk_reference,
 )
 
+from _cli import ints  # benchmarks/_cli.py
+
 CHUNK_TOKENS = 2048
 TAIL_TOKENS = 32  # fp16 tail after the packed blocks, read by the fused kernel and SDPA alike
 L2_DEFEAT_BYTES = 256 * 2**20  # rotate input sets until at least this much is touched
@@ -265,10 +267,6 @@ def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16),
                       f"K {times[0]:7.1f} us, V {times[1]:7.1f} us, attention {times[2]:7.1f} us", flush=True)
     kernel_settings.TILE_WORDS = kernel_settings.PROGRAMS_PER_SM = kernel_settings.MAX_REGISTERS = None
     return rows
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
 
 
 def caps(text: str) -> list[int | None]:

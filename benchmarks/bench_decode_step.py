@@ -45,9 +45,7 @@ from typing import Callable
 
 import torch
 
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
+from _cli import ints  # benchmarks/_cli.py
 
 
 def sync(device: torch.device) -> None:

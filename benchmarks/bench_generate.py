@@ -75,6 +75,8 @@ import packkv.cache  # noqa: F401  (registers attn_implementation="packkv")
 from packkv import PackKVConfig
 from packkv.cache import PackKVCache
 
+from _cli import ints  # benchmarks/_cli.py
+
 GiB = 2**30
 MiB = 2**20
 # The default: median repacking, PackKV's throughput setting (greedy packs 1-2% tighter and
@@ -514,7 +516,6 @@ def print_fit(results: list[dict], layers: int, free: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama on the CPU (a check of the script)")
     parser.add_argument("--quick", action="store_true", help="the first context only, fewer decode steps")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers kept for the table (Llama-3.1-8B has 32)")

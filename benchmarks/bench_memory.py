@@ -43,6 +43,8 @@ from packkv.cache import PackKVCache
 from packkv.data import load_text, token_windows
 from packkv.models import load_model
 
+from _cli import ints  # benchmarks/_cli.py
+
 MiB = 2**20
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -81,10 +83,6 @@ def table_line(r: dict, trained: int) -> str:
     return (f"| {r['context']}{past} | {r['tokens']} | {r['fp16_bytes'] / MiB:.1f} | {r['stored_fraction']:.4f} | "
             f"{r['allocated_fraction']:.4f} | {r['blocks_ratio']:.3f} | {r['blocks_spare_fraction']:.4f} | "
             f"{r['buffer_allocated_fraction']:.4f} | {r['seconds']:.0f} |")
-
-
-def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
 
 
 def main() -> None:
