@@ -61,6 +61,9 @@ GROWTH = 1.03125
 # Metadata grows by at least this many blocks: a small store does not reallocate its
 # metadata at every block (a block's metadata is ~0.5 KB a head).
 MIN_GROWTH_BLOCKS = 16
+# A buffer that grows keeps room for this many more blocks (words at their largest), so
+# that the appends after a prefill or a growth need no device sync.
+ROOM_BLOCKS = 2
 # Offsets are int32 word indices (docs/format.md).
 MAX_WORDS = 2**31 - 1
 
@@ -142,7 +145,7 @@ class PackedStore:
     def _prepare(self, batch: int, heads: int, head_dim: int, device: torch.device, new_blocks: int) -> None:
         """Allocate at the first append; make room for ``new_blocks`` more blocks' metadata."""
         if self._bufs is None:
-            blocks = max(self.initial_blocks, new_blocks + 2)
+            blocks = max(self.initial_blocks, new_blocks + ROOM_BLOCKS)
             self._bufs = [empty_buffers(batch, heads, blocks, head_dim, self.config, side, device) for side in "kv"]
             self._counts = new_counts(device)
             self._start_read_back(device)
@@ -227,8 +230,9 @@ class PackedStore:
         if blocks <= capacity:
             return
         # Geometric in what is held (amortized O(1) a block), but an append of many blocks
-        # (a prefill) gets what it needs and two blocks more, not GROWTH times that.
-        rows = max(self.initial_blocks, blocks + 2, math.ceil(GROWTH * capacity), capacity + MIN_GROWTH_BLOCKS)
+        # (a prefill) gets what it needs and the room, not GROWTH times that.
+        rows = max(self.initial_blocks, blocks + ROOM_BLOCKS, math.ceil(GROWTH * capacity),
+                   capacity + MIN_GROWTH_BLOCKS)
         used, ppb = self._n_blocks, self._packs_per_block
         self._bufs = [
             replace(
@@ -242,7 +246,7 @@ class PackedStore:
 
     def _fit_words(self, side: int, needed: int, keep: int) -> None:
         """Make pool ``side`` hold ``needed`` words plus one block at its largest, keeping
-        its first ``keep`` words. A new pool holds ``needed`` and two blocks more, and at least
+        its first ``keep`` words. A new pool holds ``needed`` and ROOM_BLOCKS blocks more, and at least
         GROWTH times ``keep``: the copy of the kept words is paid for by a growth of 1/32 of
         them, or by an append larger than that (whose spare is then only the room)."""
         words = self._bufs[side].words
@@ -252,7 +256,7 @@ class PackedStore:
         if needed > MAX_WORDS:
             self._recount(self._n_blocks)  # forget the words of an append that cannot be stored
             raise ValueError(f"the store needs {needed} words, more than int32 offsets address ({MAX_WORDS})")
-        new = words.new_empty(min(max(math.ceil(GROWTH * keep), needed + 2 * room), MAX_WORDS))
+        new = words.new_empty(min(max(math.ceil(GROWTH * keep), needed + ROOM_BLOCKS * room), MAX_WORDS))
         new[:keep] = words[:keep]
         self._bufs[side] = replace(self._bufs[side], words=new)
         self._reallocations += 1
