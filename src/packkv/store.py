@@ -52,7 +52,7 @@ from .kernels.encode import (
 
 # Why 1/32: the spare capacity is at most 1/32 of the used bytes, because real K and V at
 # the default setting take ~24% of their fp16 bytes (SmolLM2, docs/benchmarks.md) and the
-# target is a quarter: 1/16 measured 1.066-1.076x allocated / stored at 32K, 1/4 up to 1.25x.
+# target is a quarter: 1/16 measured 1.066x allocated / stored at 32K (bench_generate), 1/4 up to 1.25x.
 # A word is still copied O(1) times: at most 1 / (GROWTH - 1) = 32 copies of the final
 # allocation over a store's life: for a 64K-token batch-8 Llama-8B-shaped layer (~280 MB a
 # pool) about 10 ms on an H100 at its ~2.4 TB/s copy rate (an estimate, not measured),
