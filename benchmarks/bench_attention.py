@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -289,18 +290,26 @@ def main() -> None:
     parser.add_argument("--variant-caps", type=caps, default=[None, 128],
                         help="register caps --variants tries ('none': no cap), e.g. none,128,144")
     parser.add_argument("--variants-only", action="store_true", help="stop after --variants (no table)")
+    parser.add_argument("--tokens", type=ints, help="context lengths of the table (default 4096,32768,131072)")
+    parser.add_argument("--batches", type=ints, help="batches of the table (default 1,8)")
+    parser.add_argument("--combine-kernel", action="store_true",
+                        help="merge the attention's splits in a second kernel (the version before 2026-11-24's "
+                             "last change), not in the decode kernel's last program")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs an NVIDIA GPU")
-    token_list = [4096] if args.quick else [4096, 32768, 131072]
-    batch_list = [1] if args.quick else [1, 8]
+    token_list = args.tokens or ([4096] if args.quick else [4096, 32768, 131072])
+    batch_list = args.batches or ([1] if args.quick else [1, 8])
+    if args.combine_kernel:
+        sys.modules["packkv.kernels.decode_attention"].FOLDED_COMBINE = False
     reps = 10 if args.quick else 30
     data = torch.load(args.data)
     device = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, {date}; kernel defaults "
           f"(tile words, programs/SM) {kernel_settings.DEFAULTS}; overrides: warps {args.num_warps}, tile words "
-          f"{args.tile_words}, programs/SM {args.programs_per_sm}, max registers {args.max_registers}", flush=True)
+          f"{args.tile_words}, programs/SM {args.programs_per_sm}, max registers {args.max_registers}; splits merged "
+          f"{'by a second kernel' if args.combine_kernel else 'in the decode kernel'}", flush=True)
     chunks = {s.name: tuple(t.cuda() for t in real_chunk(data, s)) for s in SHAPES}
     log: list[str] = []
     if not args.no_check:
@@ -343,7 +352,8 @@ def main() -> None:
             json.dump(dict(device=device, date=date, copy_GBps=copy_bw / 1e9, torch=torch.__version__,
                            triton=triton.__version__, defaults={f"{k} d{d}": v for (k, d), v in kernel_settings.DEFAULTS.items()},
                            overrides=dict(num_warps=args.num_warps, tile_words=args.tile_words,
-                                          programs_per_sm=args.programs_per_sm, max_registers=args.max_registers),
+                                          programs_per_sm=args.programs_per_sm, max_registers=args.max_registers,
+                                          combine_kernel=args.combine_kernel),
                            checks=log, variants=variants, rows=rows), f, indent=1)
 
 

@@ -30,6 +30,11 @@ PackKVCache runs with ``attn_implementation="packkv"`` (decode: the fused Triton
 the packed cache) at the default PackKVConfig (median repacking); the others with
 ``"sdpa"``. QuantizedCache rows appear for each backend that constructs here (quanto and
 hqq need their packages, fp8 a transformers release that has it), else a note says why.
+``--caches`` may add ablations of PackKVCache's decode-step host path, each undoing one
+more change of 2026-11-24 (so: the earlier versions): ``packkv-combine`` (a second kernel
+merges the splits), ``packkv-copy`` (also: update copies the token into the buffer, two
+copy kernels a layer) and ``packkv-runner`` (also: launches through Triton's
+``kernel[grid]`` runner).
 ``--rounds N`` runs each (context, batch) N times with the caches interleaved (A B, B A, ...)
 and prints the median tok/s over the rounds: a batch-1 step is bound by the host, whose
 speed drifts by tens of percent within one run on the GPU machine.
@@ -63,6 +68,7 @@ import datetime
 import gc
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -171,9 +177,28 @@ def cache_makers(model: LlamaForCausalLM, wanted: list[str]) -> tuple[dict[str, 
                 continue
             label = f"quantized-{backend}" + (f"{kwargs['nbits']}" if "nbits" in kwargs else "")
             makers[label] = ("sdpa", lambda b=backend, k=kwargs: QuantizedCache(backend=b, config=model.config, **k))
-    if "packkv" in wanted:
-        makers["packkv"] = ("packkv", lambda: PackKVCache(model.config, BENCH_PACKKV))
+    # PackKVCache, and ablations of its decode step's host path, each undoing one more change
+    # (the earlier versions): "packkv-combine" merges the splits in a second kernel;
+    # "packkv-copy" also copies each token into the buffer in update (two copy kernels);
+    # "packkv-runner" also launches through Triton's kernel[grid] runner.
+    for label, switches in PACKKV_ABLATIONS.items():
+        if label in wanted:
+            makers[label] = ("packkv", lambda s=switches: packkv_cache(model, *s))
     return makers, notes
+
+
+# label: (the decode kernel merges the splits, it appends the token, direct launches)
+PACKKV_ABLATIONS = {
+    "packkv": (True, True, True), "packkv-combine": (False, True, True),
+    "packkv-copy": (False, False, True), "packkv-runner": (False, False, False),
+}
+
+
+def packkv_cache(model: LlamaForCausalLM, folded: bool, fused_append: bool, direct_launch: bool) -> PackKVCache:
+    """A PackKVCache; the switches of its host path hold for the runs until the next one is made."""
+    kernels = sys.modules["packkv.kernels.decode_attention"]
+    kernels.FOLDED_COMBINE, packkv.cache.FUSED_APPEND, kernels.DIRECT_LAUNCH = folded, fused_append, direct_launch
+    return PackKVCache(model.config, BENCH_PACKKV)
 
 
 def sdpa_backends(device: torch.device):
@@ -487,15 +512,19 @@ def print_rounds(rows: list[dict]) -> None:
     """Median decode tok/s of each (context, batch, cache) over the rounds, and its ratio to
     DynamicCache's median (a host-bound batch-1 step varies by tens of percent from run to run)."""
     runs: dict[tuple, list[float]] = {}
+    host: dict[tuple, list[float]] = {}
     for r in rows:
         if r["status"] == "ok":
             runs.setdefault((r["context"], r["batch"], r["cache"]), []).append(r["decode_tok_s"])
-    print(f"{'cache':<18}{'context':>8}{'batch':>6}{'rounds':>7}{'median tok/s':>14}{'min':>9}{'max':>9}{'vs dynamic':>12}")
-    for (context, batch, cache), rates in runs.items():
+            host.setdefault((r["context"], r["batch"], r["cache"]), []).append(r["host_ms_step"])
+    print(f"{'cache':<18}{'context':>8}{'batch':>6}{'rounds':>7}{'median tok/s':>14}{'min':>9}{'max':>9}{'vs dynamic':>12}"
+          f"{'host ms':>9}")
+    for key, rates in runs.items():
+        context, batch, cache = key
         base = runs.get((context, batch, "dynamic"))
         vs = f"{statistics.median(rates) / statistics.median(base):.2f}" if base else "-"
         print(f"{cache:<18}{context:>8}{batch:>6}{len(rates):>7}{statistics.median(rates):>14.1f}"
-              f"{min(rates):>9.1f}{max(rates):>9.1f}{vs:>12}")
+              f"{min(rates):>9.1f}{max(rates):>9.1f}{vs:>12}{statistics.median(host[key]):>9.2f}")
 
 
 def bound(found: int, failed: int | None, limit: int) -> str:
@@ -521,7 +550,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="decoder layers kept for the table (Llama-3.1-8B has 32)")
     parser.add_argument("--contexts", type=ints, default=[4096, 32768, 65536])
     parser.add_argument("--batches", type=ints, default=[1, 8])
-    parser.add_argument("--caches", type=lambda s: s.split(","), default=["dynamic", "quantized", "packkv"])
+    parser.add_argument("--caches", type=lambda s: s.split(","), default=["dynamic", "quantized", "packkv"],
+                        help="comma list of dynamic, quantized, packkv, and the ablations packkv-combine, packkv-copy, "
+                             "packkv-runner")
     parser.add_argument("--decode-tokens", type=int, default=2 * BENCH_PACKKV.block_size, help="timed decode steps")
     parser.add_argument("--warmup-steps", type=int, default=BENCH_PACKKV.block_size + 2,
                         help="untimed decode steps before them")

@@ -9,6 +9,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig
 
@@ -112,8 +113,9 @@ def test_decode_through_the_triton_kernel_on_the_store_views(model, monkeypatch)
 @torch.no_grad()
 def test_fp16_decode_steps_reuse_one_plan_until_a_block_is_packed(monkeypatch):
     """An fp16 decode step runs the kernels through the layer's DecodePlan, made when the
-    packed blocks change, not at every step; each step's output is decode_attention's on
-    the layer's views, bit for bit (padding mask included). With PACKKV_TEST_DEVICE=cuda
+    packed blocks change, not at every step; the step's token is left pending by update and
+    written into the buffer by the decode kernel; each step's output is decode_attention's
+    on the same tokens, bit for bit (padding mask included). With PACKKV_TEST_DEVICE=cuda
     the kernels run compiled, and the plan's later steps take its cached launchers (the
     interpreter always goes through Triton's dispatcher)."""
     device = torch.device(os.environ.get("PACKKV_TEST_DEVICE", "cpu"))
@@ -133,13 +135,60 @@ def test_fp16_decode_steps_reuse_one_plan_until_a_block_is_packed(monkeypatch):
     module = torch.nn.Module().eval()
     for i, (n_buffer, plans) in enumerate([(63, 1), (64, 1), (33, 2)]):  # the second step packs a block
         query = torch.randn(2, 1, 4, 64, generator=g).half().to(device).transpose(1, 2)  # transformers' layout
-        key, value = layer.update(*kv(1))
-        assert layer.n_buffer == n_buffer
-        views = PackedKV(k=layer.store.k, v=layer.store.v, k_tail=layer.k_buffer, v_tail=layer.v_buffer, config=FINE,
-                         dtype=torch.float16)
-        want = decode_attention(query[:, :, 0], views, sm_scale=0.125, mask=layer.valid_mask())
+        k_new, v_new = kv(1)
+        views = PackedKV(k=layer.store.k, v=layer.store.v, k_tail=torch.cat([layer.k_buffer, k_new], 2),
+                         v_tail=torch.cat([layer.v_buffer, v_new], 2), config=FINE, dtype=torch.float16)
+        mask = None if layer.valid_mask() is None else F.pad(layer.valid_mask(), (0, 1), value=True)
+        want = decode_attention(query[:, :, 0], views, sm_scale=0.125, mask=mask)
+        key, value = layer.update(k_new, v_new)
+        assert layer.n_buffer == n_buffer and layer._pending is not None, i
         out, _ = packkv_attention(module, query, key, value, None, scaling=0.125)
         assert torch.equal(out, want.unsqueeze(1)) and len(made) == plans, i
+        assert layer._pending is None, i
+        assert torch.equal(layer.k_buffer[:, :, -1:], k_new) and torch.equal(layer.v_buffer[:, :, -1:], v_new), i
+
+
+@torch.no_grad()
+def test_a_pending_token_reaches_the_buffer_before_anything_reads_it(monkeypatch):
+    """update leaves a decode token pending where the kernels will attend; every reader of
+    the buffer (its views, crop, batch selection, compression) sees it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels' path, without running them
+    g = torch.Generator().manual_seed(5)
+    kv = lambda n: [torch.randn(2, 2, n, 64, generator=g).half() for _ in "kv"]
+    layer = PackKVLayer(FINE)
+    first = kv(64)
+    layer.update(*first)
+    layer.settle(None)  # one block packed, 32 tokens in the buffer
+    for name in ("k_buffer", "v_buffer", "batch_select"):
+        k_new, v_new = kv(1)
+        layer.update(k_new, v_new)
+        assert layer._pending is not None, name
+        if name == "batch_select":
+            layer.batch_select_indices(torch.tensor([1, 0]))
+            k_new, v_new = k_new.flip(0), v_new.flip(0)
+        got = layer.v_buffer if name == "v_buffer" else layer.k_buffer
+        assert layer._pending is None, name
+        assert torch.equal(got[:, :, -1:], v_new if name == "v_buffer" else k_new), name
+        layer.unseen = 0
+    # A crop drops the pending token, or keeps it in its place.
+    before = layer.k_buffer.clone()
+    layer.update(*kv(1))
+    layer.crop(-1)
+    assert layer._pending is None and torch.equal(layer.k_buffer, before)
+    k_new, v_new = kv(1)
+    layer.update(k_new, v_new)
+    layer.crop(layer.get_seq_length())
+    assert layer._pending is None and torch.equal(layer.k_buffer, torch.cat([before, k_new], 2))
+    layer.unseen = 0
+    # Compression flushes too: fill the buffer to a whole block more than buffer_size.
+    while layer.n_buffer < FINE.buffer_size + FINE.block_size - 1:
+        layer.update(*kv(1))
+        layer._flush()
+        layer.unseen = 0
+    k_new, v_new = kv(1)
+    layer.update(k_new, v_new)
+    layer.settle(None)  # packs a block; the pending token stays in the buffer's last place
+    assert layer._pending is None and torch.equal(layer.k_buffer[:, :, -1:], k_new)
 
 
 @torch.no_grad()

@@ -22,9 +22,10 @@ buffer), bool ``[batch, kv_heads, tokens]``, created only when a prefill shows a
 token. A block keeps its positions in it when it is packed (only its tokens are permuted),
 and decode tokens are real, so a decode step passes a view of it and writes nothing.
 
-A decode step with no block to compress costs, per layer, the two copies that append the
-new K and V, the output's allocation, the two kernel launches, and no host sync: the
-launch is prepared once per change of the packed blocks (:meth:`PackKVLayer.decode_plan`).
+A decode step with no block to compress costs, per layer on the GPU, the output's
+allocation and one kernel launch, which appends the new K and V to the buffer, attends and
+merges its splits, and no host sync: the launch is prepared once per change of the packed
+blocks (:meth:`PackKVLayer.decode_plan`).
 
 Usage::
 
@@ -56,6 +57,9 @@ ATTN_IMPLEMENTATION = "packkv"
 # The reference codec allocates several int32/fp32 copies of what it compresses: append at
 # most this many elements (batch x heads x tokens x head_dim) at a time to bound the peak.
 APPEND_ELEMENTS = 2**25
+# Whether a decode step's token is left for the decode kernel to write (PackKVLayer):
+# False copies it in update, as on the CPU (benchmarks compare the two).
+FUSED_APPEND = True
 # The attribute on the key tensor that ``update`` returns: a weak reference to the layer it
 # came from (the layer keeps that tensor, so a strong one would be a reference cycle, and
 # a dropped cache's memory would wait for the garbage collector).
@@ -70,8 +74,11 @@ class PackKVLayer(CacheLayerMixin):
     ``[batch, kv_heads, n_buffer, head_dim]``, in their original order.
 
     The buffer's storage is preallocated for ``buffer_size + block_size`` tokens, the most
-    it holds between two steps, so that a decode step appends its token with one copy for K
-    and one for V, allocating nothing; it grows only for a prefill chunk that does not fit.
+    it holds between two steps, so that a decode step appends its token allocating nothing;
+    it grows only for a prefill chunk that does not fit. On the GPU a decode step's token is
+    not copied by ``update``: the attention kernel writes it into the buffer as it attends
+    (one launch instead of three). Until then it is *pending*, and anything that reads the
+    buffer copies it first (``_flush``).
     """
 
     is_sliding = False
@@ -95,6 +102,9 @@ class PackKVLayer(CacheLayerMixin):
         self._valid: torch.Tensor | None = None
         # Tokens appended by update() that the attention function has not yet seen.
         self.unseen = 0
+        # A decode step's K and V [batch, kv_heads, 1, head_dim], counted in n_buffer but not
+        # yet in the buffer's storage: the decode kernel writes them (update, _decode).
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # The decode kernels' launch, prepared for the current packed blocks and storages
         # (decode_plan); dropped when the store changes, so that it holds no old storage.
         self._plan: DecodePlan | None = None
@@ -125,10 +135,13 @@ class PackKVLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, new = self.n_buffer, key_states.shape[2]
-        if n + new > self._k_buf.shape[2]:
-            self._set_storage(_moved(self._k_buf, 0, n, n + new), _moved(self._v_buf, 0, n, n + new))
-        self._k_buf[:, :, n : n + new].copy_(key_states)
-        self._v_buf[:, :, n : n + new].copy_(value_states)
+        if self._defers(key_states, value_states):
+            self._pending = key_states, value_states
+        else:
+            if n + new > self._k_buf.shape[2]:
+                self._set_storage(_moved(self._k_buf, 0, n, n + new), _moved(self._v_buf, 0, n, n + new))
+            self._k_buf.narrow(2, n, new).copy_(key_states)
+            self._v_buf.narrow(2, n, new).copy_(value_states)
         self.n_buffer = n + new
         self.unseen = new
         if self._valid is not None:
@@ -157,6 +170,7 @@ class PackKVLayer(CacheLayerMixin):
         Only tokens still in the buffer can go, or the cache can be cut exactly at a packed
         block boundary: a packed block's token order is not stored.
         """
+        self._flush()
         length = self.get_seq_length()
         keep = length + tokens if tokens < 0 else min(tokens, length)
         if keep < 0:
@@ -181,6 +195,7 @@ class PackKVLayer(CacheLayerMixin):
     def _select(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
+        self._flush()
         indices = indices.to(self._k_buf.device)
         if not self.store.is_empty:
             self.store.select_batch(indices)
@@ -208,20 +223,43 @@ class PackKVLayer(CacheLayerMixin):
     prefetch = offload
 
     # -- packkv ----------------------------------------------------------------------------
+    def _defers(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether this update's token can wait for the decode kernel to write it: one token
+        of the buffer's shape and dtype, room for it, packed blocks (a decode step attends
+        with the kernels only then), and the kernels in use."""
+        buf, row = self._k_buf, self._row_shape
+        return (
+            FUSED_APPEND and key_states.shape == row and value_states.shape == row and buf.dtype in QUERY_DTYPES
+            and key_states.dtype is buf.dtype and value_states.dtype is buf.dtype and self.n_buffer < buf.shape[2]
+            and not self.store.is_empty and key_states.device == buf.device and value_states.device == buf.device
+            and (buf.is_cuda or use_triton(buf.device))
+        )
+
+    def _flush(self) -> None:
+        """Copy a pending token into the buffer (see the class docstring)."""
+        if self._pending is not None:
+            (k, v), self._pending = self._pending, None
+            self._k_buf.narrow(2, self.n_buffer - 1, 1).copy_(k)
+            self._v_buf.narrow(2, self.n_buffer - 1, 1).copy_(v)
+
     def _set_storage(self, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
         """Make ``k_buf`` / ``v_buf`` ``[batch, kv_heads, capacity, head_dim]`` the buffer's
         storage; K's carries the tag by which the attention function finds this layer."""
         self._k_buf, self._v_buf = k_buf, v_buf
         setattr(k_buf, _LAYER_ATTR, weakref.ref(self))
+        b, h, _, d = k_buf.shape
+        self._row_shape = torch.Size((b, h, 1, d))  # a decode step's token
 
     @property
     def k_buffer(self) -> torch.Tensor | None:
         """The buffer's K ``[batch, kv_heads, n_buffer, head_dim]``, a view (None before the first update)."""
+        self._flush()
         return None if self._k_buf is None else self._k_buf[:, :, : self.n_buffer]
 
     @property
     def v_buffer(self) -> torch.Tensor | None:
         """The buffer's V ``[batch, kv_heads, n_buffer, head_dim]``, a view (None before the first update)."""
+        self._flush()
         return None if self._v_buf is None else self._v_buf[:, :, : self.n_buffer]
 
     @property
@@ -254,9 +292,11 @@ class PackKVLayer(CacheLayerMixin):
         ):
             return plan
         q = query[:, :, 0]
-        kv = PackedKV(k=k, v=v, k_tail=self.k_buffer, v_tail=self.v_buffer, config=self.config, dtype=self.dtype)
+        # The check reads shapes only: views of the storage, pending token or not.
+        tails = self._k_buf[:, :, : self.n_buffer], self._v_buf[:, :, : self.n_buffer]
+        kv = PackedKV(k=k, v=v, k_tail=tails[0], v_tail=tails[1], config=self.config, dtype=self.dtype)
         check_attention(q, kv, self.valid_mask())
-        self._plan = DecodePlan(q, k, v, self._k_buf, self._v_buf, scaling, self._valid, splits=None)
+        self._plan = DecodePlan(q, k, v, self._k_buf, self._v_buf, scaling, self._valid, splits=None, token_axis=True)
         return self._plan
 
     def settle(self, new_valid: torch.Tensor | None) -> None:
@@ -293,6 +333,7 @@ class PackKVLayer(CacheLayerMixin):
         blocks = max(0, self.n_buffer - self.config.buffer_size) // s
         if blocks == 0:
             return
+        self._flush()
         self._plan = None
         b, h, _, d = self._k_buf.shape
         step = max(1, APPEND_ELEMENTS // (b * h * s * d))
@@ -499,8 +540,12 @@ def _prefill(layer: PackKVLayer, query: torch.Tensor, allowed: torch.Tensor | No
 def _decode(layer: PackKVLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """One query token ``[b, hq, 1, d]`` over the packed blocks and the buffer: ``[b, 1, hq, d]``."""
     if query.dtype is layer.dtype and query.dtype in QUERY_DTYPES and use_triton(query.device):
-        # The kernels on the buffer's storage: per step, one output and two launches.
-        return layer.decode_plan(query, scaling).run(query, layer.n_buffer).unsqueeze(1)
+        # The kernel on the buffer's storage: per step, one output and one launch, which
+        # also writes the step's pending token into the buffer.
+        new = layer._pending or (None, None)
+        out = layer.decode_plan(query, scaling).run(query, layer.n_buffer, *new)
+        layer._pending = None
+        return out
     q, k_tail, v_tail = query[:, :, 0], layer.k_buffer, layer.v_buffer
     if q.dtype not in QUERY_DTYPES:
         # The kernels take fp16/bf16: an fp32 model's query and buffer are rounded to fp16.

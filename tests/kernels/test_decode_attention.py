@@ -1,3 +1,4 @@
+import sys
 from dataclasses import replace
 
 import pytest
@@ -83,3 +84,21 @@ def test_decode_attention_rejects_bad_masks(make_mask, error):
     q, kv = make_case(Case(kv_heads=2, tokens=70))
     with pytest.raises(error):
         decode_attention(q, kv, mask=make_mask(kv.n_tokens))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_the_folded_merge_equals_the_combining_kernel_and_rearms(monkeypatch, splits):
+    """The decode kernel's own merge (its last program per (batch, KV head)) gives the
+    separate combining kernel's output bit for bit, and leaves the counter at zero, so that
+    a plan's next launch merges again."""
+    module = sys.modules["packkv.kernels.decode_attention"]
+    q, kv = make_case(Case(batch=2, kv_heads=2, group=3, tokens=200))
+    plan = module.DecodePlan(q, kv.k, kv.v, kv.k_tail, kv.v_tail, 0.125, None, splits=splits)
+    monkeypatch.setattr(module, "FOLDED_COMBINE", False)
+    want = plan.run(q, kv.k_tail.shape[2])
+    monkeypatch.setattr(module, "FOLDED_COMBINE", True)
+    counter = plan._decode_args[module._decode_kernel.arg_names.index("counter_ptr")]
+    for _ in range(2):
+        assert torch.equal(plan.run(q, kv.k_tail.shape[2]), want)
+        assert not counter.any()
+    assert_attention_close(want, decode_attention_reference(q, kv, sm_scale=0.125))

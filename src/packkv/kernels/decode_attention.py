@@ -2,7 +2,9 @@
 
 Flash-decoding: the packed sequence of each (batch, KV head) is cut into splits, one
 program each, plus one program for the fp16 tail; every program keeps a running max,
-sum and output for the whole GQA group and writes them; a small kernel combines them.
+sum and output for the whole GQA group and writes them; the last program of the (batch,
+KV head) to finish combines them (one launch a decode step: at batch 1 the host's time
+to launch bounds a step).
 K and V are unpacked in registers and never reach global memory.
 """
 
@@ -13,7 +15,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.compiler import CompiledKernel
+from triton.runtime import driver
 
 from ..codec.format import PackedKV, PackedTensor
 from . import _common
@@ -26,7 +30,13 @@ from .qk import k_query, k_tile_scores
 from .reference import decode_attention_reference
 
 LOG2E = 1.4426950408889634
-COMBINE_CHUNK = 64  # splits the combining kernel reads at a time
+COMBINE_CHUNK = 64  # splits a merge reads at a time
+# Whether the decode kernel merges the splits itself (one launch a step); False launches
+# the combining kernel after it (benchmarks compare the two).
+FOLDED_COMBINE = True
+# Whether a plan's later launches call the compiled kernels' launcher directly (_Launch);
+# False goes through Triton's kernel[grid] runner (benchmarks compare the two).
+DIRECT_LAUNCH = True
 
 
 @triton.jit
@@ -54,9 +64,9 @@ def _masked(s, mask_bh, cols, valid, s_mt, HAS_MASK: tl.constexpr):
 
 # Batch/head strides and counts change as a cache grows; specializing on them (== 1,
 # divisible by 16) would recompile the kernel for seconds in the middle of a generation.
-@triton.jit(do_not_specialize=['ks_ob', 'ks_oh', 'ks_wb', 'ks_wh', 'ks_mb', 'ks_mh', 'ks_sb', 'ks_sh', 'ks_zb', 'ks_zh', 'vs_ob', 'vs_oh', 'vs_wb', 'vs_wh', 'vs_mb', 'vs_mh', 'vs_sb', 'vs_sh', 'vs_zb', 'vs_zh', 's_ktb', 's_kth', 's_vtb', 's_vth', 's_mkb', 's_mkh', 'heads', 'n_words', 'tiles_per_split', 'n_pack_splits', 'n_split', 'tail_len'])
+@triton.jit(do_not_specialize=['ks_ob', 'ks_oh', 'ks_wb', 'ks_wh', 'ks_mb', 'ks_mh', 'ks_sb', 'ks_sh', 'ks_zb', 'ks_zh', 'vs_ob', 'vs_oh', 'vs_wb', 'vs_wh', 'vs_mb', 'vs_mh', 'vs_sb', 'vs_sh', 'vs_zb', 'vs_zh', 's_ktb', 's_kth', 's_vtb', 's_vth', 's_mkb', 's_mkh', 's_knb', 's_knh', 's_vnb', 's_vnh', 'heads', 'n_words', 'tiles_per_split', 'n_pack_splits', 'n_split', 'tail_len', 'append', 'merge'])
 def _decode_kernel(
-    q_ptr, m_part, l_part, acc_part,
+    q_ptr, m_part, l_part, acc_part, counter_ptr, out_ptr, s_ob, s_oh, s_od,
     kw_ptr, ko_ptr, kwd_ptr, kmn_ptr, ks_ptr, kz_ptr,
     ks_word, ks_ob, ks_oh, ks_op, ks_wb, ks_wh, ks_wp, ks_wc, ks_mb, ks_mh, ks_mp, ks_mc,
     ks_sb, ks_sh, ks_sn, ks_sx, ks_zb, ks_zh, ks_zn, ks_zx,
@@ -66,16 +76,22 @@ def _decode_kernel(
     kt_ptr, s_ktb, s_kth, s_ktt, s_ktd, vt_ptr, s_vtb, s_vth, s_vtt, s_vtd,
     mask_ptr, s_mkb, s_mkh, s_mkt,
     s_qb, s_qh, s_qd,
-    heads, n_words, tiles_per_split, n_pack_splits, n_split, tail_len, qk_scale,
+    kn_ptr, s_knb, s_knh, s_knd, vn_ptr, s_vnb, s_vnh, s_vnd,
+    heads, n_words, tiles_per_split, n_pack_splits, n_split, tail_len, append, merge, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, PACK: tl.constexpr, BLOCK: tl.constexpr, MIN_BITS: tl.constexpr,
     K_TOKEN_GROUPED: tl.constexpr, V_TOKEN_GROUPED: tl.constexpr, HAS_MASK: tl.constexpr,
-    TW: tl.constexpr, K_WIDE: tl.constexpr, V_WIDE: tl.constexpr, ASM: tl.constexpr,
+    TW: tl.constexpr, K_WIDE: tl.constexpr, V_WIDE: tl.constexpr, ASM: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Grid (batch * kv_heads, n_split); split ``n_pack_splits`` (if any) takes the tail.
 
     Writes per query head and split the running max and sum (base-2 scores) and the
     unnormalized output, fp32. Each tile of ``TW`` words: K scores (qk.k_tile_scores), the
     online softmax, then the weighted V rows (pv.v_tile_sum) in the same column order.
+    With ``merge`` 1, the last program of each (batch, KV head) merges them into ``out_ptr``
+    (found with ``counter_ptr``, one int32 a (batch, KV head), zero between launches).
+    With ``append`` 1, the tail's last token is not yet in the tail: its program copies it
+    there from ``kn_ptr`` / ``vn_ptr`` ``[batch, kv_heads, head_dim]`` first (a cache's
+    decode step then needs no copy kernels of its own).
     """
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -141,6 +157,12 @@ def _decode_kernel(
         q_hi, q_lo = split_halves(q / q_pw[:, None], kt_ptr.dtype.element_ty)
         kt_bh = kt_ptr + b * s_ktb + h * s_kth
         vt_bh = vt_ptr + b * s_vtb + h * s_vth
+        if append:
+            last = tail_len - 1
+            tl.store(kt_bh + last * s_ktt + chan * s_ktd, tl.load(kn_ptr + b * s_knb + h * s_knh + chan * s_knd))
+            tl.store(vt_bh + last * s_vtt + chan * s_vtd, tl.load(vn_ptr + b * s_vnb + h * s_vnh + chan * s_vnd))
+            # The tiles below are loaded by other threads than those that stored the row.
+            tl.debug_barrier()
         for start in range(0, tail_len, 32):
             valid = start + tok < tail_len
             k_t = tl.trans(tl.load(kt_bh + (start + tok)[:, None] * s_ktt + chan[None, :] * s_ktd, mask=valid[:, None], other=0.0))
@@ -154,6 +176,50 @@ def _decode_kernel(
     tl.store(m_part + part, m_i, mask=keep)
     tl.store(l_part + part, l_i, mask=keep)
     tl.store(acc_part + part[:, None] * D + chan[None, :], acc, mask=keep[:, None])
+    if merge:
+        # The last program of this (batch, KV head) to finish merges its splits, so that a
+        # step takes one launch: every thread's stores above come before the counter's
+        # release (the barrier), and the last program's loads after its acquire.
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + pid_bh, 1, sem="acq_rel")
+        if done == n_split - 1:
+            tl.store(counter_ptr + pid_bh, 0)  # every program has counted: ready for the next launch
+            for g in range(GROUP):
+                _merge_row(m_part, l_part, acc_part, out_ptr, pid_bh * GROUP + g, s_ob, s_oh, s_od, heads * GROUP,
+                           n_split, CHUNK, D)
+
+
+@triton.jit
+def _merge_row(m_part, l_part, acc_part, out_ptr, row, s_ob, s_oh, s_od, q_heads, n_split,
+               CHUNK: tl.constexpr, D: tl.constexpr):
+    """Merge the ``n_split`` partial results of query row ``row`` (batch * q_heads + head) into
+    its output, in one pass over ``CHUNK`` splits at a time (a running max, like the decode
+    loop): the three loads of a chunk are independent, so a chunk costs one memory latency.
+    The partials are read from L2 (``.cg``): other programs of the same launch may have
+    written them."""
+    chan = tl.arange(0, D)
+    sp = tl.arange(0, CHUNK)
+    m_run = tl.full([1], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([1], dtype=tl.float32)
+    out = tl.zeros([D], dtype=tl.float32)
+    for start in range(0, n_split, CHUNK):
+        valid = start + sp < n_split
+        idx = row * n_split + start + sp
+        m = tl.load(m_part + idx, mask=valid, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(l_part + idx, mask=valid, other=0.0, cache_modifier=".cg")
+        part = tl.load(acc_part + idx[:, None] * D + chan[None, :], mask=valid[:, None], other=0.0,
+                       cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp2(m_run - m_safe)
+        weight = tl.exp2(m - m_safe)
+        total = total * scale + tl.sum(weight * l, axis=0)
+        out = out * scale + tl.sum(part * weight[:, None], axis=0)
+        m_run = m_new
+    out = out / tl.where(total > 0, total, 1.0)
+    b = row // q_heads
+    h = row % q_heads
+    tl.store(out_ptr + b * s_ob + h * s_oh + chan * s_od, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["n_split"])
@@ -161,47 +227,30 @@ def _combine_kernel(
     m_part, l_part, acc_part, out_ptr, s_ob, s_oh, s_od, q_heads, n_split,
     CHUNK: tl.constexpr, D: tl.constexpr,
 ):
-    """Grid (batch * q_heads): merge the splits of one query head into its output row."""
-    row = tl.program_id(0)
-    chan = tl.arange(0, D)
-    sp = tl.arange(0, CHUNK)
-    m_max = float("-inf")
-    for start in range(0, n_split, CHUNK):
-        m = tl.load(m_part + row * n_split + start + sp, mask=start + sp < n_split, other=float("-inf"))
-        m_max = tl.maximum(m_max, tl.max(m, axis=0))
-    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = 0.0
-    out = tl.zeros([D], dtype=tl.float32)
-    for start in range(0, n_split, CHUNK):
-        valid = start + sp < n_split
-        idx = row * n_split + start + sp
-        weight = tl.exp2(tl.load(m_part + idx, mask=valid, other=float("-inf")) - m_safe)
-        total += tl.sum(weight * tl.load(l_part + idx, mask=valid, other=0.0), axis=0)
-        part = tl.load(acc_part + idx[:, None] * D + chan[None, :], mask=valid[:, None], other=0.0)
-        out += tl.sum(part * weight[:, None], axis=0)
-    out = out / tl.where(total > 0, total, 1.0)
-    b = row // q_heads
-    h = row % q_heads
-    tl.store(out_ptr + b * s_ob + h * s_oh + chan * s_od, out.to(out_ptr.dtype.element_ty))
+    """Grid (batch * q_heads): merge the splits of one query head into its output row (when
+    the decode kernel does not: ``FOLDED_COMBINE`` off)."""
+    _merge_row(m_part, l_part, acc_part, out_ptr, tl.program_id(0), s_ob, s_oh, s_od, q_heads, n_split, CHUNK, D)
 
 
 class DecodePlan:
     """A decode-attention launch prepared once and run for many query tokens.
 
     While a cache adds tokens only to its fp16 tail, everything a launch needs but the
-    query, the tail's length and the output stays the same: the packed blocks, the storages
-    of the tail and of the mask, the splits, the buffers of partial results and the ~90
-    kernel arguments. A plan derives them once; :meth:`run` allocates the output, sets the
-    query and the tail length, and launches the two kernels.
+    query, the tail's length, the new token and the output stays the same: the packed
+    blocks, the storages of the tail and of the mask, the splits, the buffers of partial
+    results and the ~100 kernel arguments. A plan derives them once; :meth:`run` allocates
+    the output, sets the query, the tail length and the new token, and launches the decode
+    kernel, whose last program of each (batch, KV head) merges the splits.
 
-    The first launch of each kernel goes through Triton's dispatcher, which specializes
+    The first launch of a kernel goes through Triton's dispatcher, which specializes
     every argument (pointer alignment, integers equal to 1 or divisible by 16) to compile
-    or find the kernel: about 20 us of host time for ~90 arguments. Later launches call the
-    compiled kernel it returned (``CompiledKernel[grid]``, the launch the dispatcher itself
-    ends with). That is sound because, of the specialized arguments, only the query can
-    change from one run to the next (the tail length is not specialized, the output is a
-    fresh allocation like the first): a query of other strides or alignment goes through
-    the dispatcher again. Under Triton's interpreter every launch does.
+    or find the kernel: about 20 us of host time for ~100 arguments. Later launches call
+    the compiled kernel's launcher directly, with the fixed tensors as integer addresses
+    (the launcher then neither calls ``data_ptr`` nor asks the driver about each of them).
+    That is sound because, of the specialized arguments, only the query and the new token's
+    rows can change from one run to the next (the tail length and the append flag are not
+    specialized, the output is a fresh allocation like the first): rows of other strides or
+    alignment go through the dispatcher again. Under Triton's interpreter every launch does.
 
     Args:
         q: a query like those :meth:`run` will get, fp16/bf16 ``[batch, q_heads, head_dim]``
@@ -214,6 +263,8 @@ class DecodePlan:
         mask: bool ``[batch, 1 or kv_heads, tokens]`` in cache order (the packed tokens, then
             the tail), covering every tail length run will get; or None.
         splits: chunks of the packed sequence per (batch, KV head); None: the heuristic.
+        token_axis: whether run returns ``[batch, 1, q_heads, head_dim]`` (transformers'
+            layout) rather than ``[batch, q_heads, head_dim]``; the same memory.
 
     Nothing is validated here: :func:`decode_attention` checks its inputs, and the cache
     checks its data when it builds a plan.
@@ -221,7 +272,7 @@ class DecodePlan:
 
     def __init__(
         self, q: torch.Tensor, k: PackedTensor, v: PackedTensor, k_tail: torch.Tensor, v_tail: torch.Tensor,
-        sm_scale: float, mask: torch.Tensor | None, splits: int | None,
+        sm_scale: float, mask: torch.Tensor | None, splits: int | None, token_axis: bool = False,
     ) -> None:
         self.k, self.v, self.k_tail, self.v_tail, self.mask, self.sm_scale = k, v, k_tail, v_tail, mask, sm_scale
         batch, q_heads, head_dim = q.shape[0], q.shape[1], q.shape[-1]
@@ -235,22 +286,25 @@ class DecodePlan:
         m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty(batch, q_heads, n_split, head_dim, dtype=torch.float32, device=q.device)
+        counter = torch.zeros(batch * k.heads, dtype=torch.int32, device=q.device)
         if mask is None:
             mask_arg, mask_strides = k_tail, (0, 0, 0)  # any pointer: the kernel reads no mask
         else:
             mask_arg = mask.expand(-1, k.heads, -1).view(torch.uint8)
             mask_strides = mask_arg.stride()
         # Every argument in the kernel's order, constexprs too: the list the dispatcher hands
-        # to the compiled kernel. run() sets the query, its strides and the tail length.
+        # to the compiled kernel. run() sets those in _RUN_SETS (the output: contiguous).
         self._decode_args = _in_order(
-            _decode_kernel, q, m_part, l_part, acc_part, *packed_args(k), *packed_args(v),
+            _decode_kernel, q, m_part, l_part, acc_part, counter, None, q_heads * head_dim, head_dim, 1,
+            *packed_args(k), *packed_args(v),
             k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), mask_arg, *mask_strides, *_query_strides(q),
-            k.heads, n_words, per_split, n_pack_splits, n_split, 0, sm_scale * LOG2E,
+            *_no_row(k_tail), *_no_row(v_tail),
+            k.heads, n_words, per_split, n_pack_splits, n_split, 0, 0, 1, sm_scale * LOG2E,
             GROUP=q_heads // k.heads, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
             K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
-            TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device),
+            TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), CHUNK=COMBINE_CHUNK,
         )
-        self._out_shape = (batch, q_heads, head_dim)
+        self._out_shape = (batch, 1, q_heads, head_dim) if token_axis else (batch, q_heads, head_dim)
         # run() sets the output; it is contiguous.
         self._combine_args = _in_order(
             _combine_kernel, m_part, l_part, acc_part, None, q_heads * head_dim, head_dim, 1, q_heads, n_split,
@@ -259,30 +313,110 @@ class DecodePlan:
         # Three dimensions: a compiled kernel's launcher reads grid[2] (the dispatcher pads).
         self._grids = ((batch * k.heads, n_split, 1), (batch * q_heads, 1, 1))
         self._options = settings["options"]
-        # The compiled kernels' launchers, and the query layout they were specialized for.
-        self._launch: tuple | None = None
-        self._q_layout: tuple | None = None
+        self._no_rows = (_no_row(k_tail), _no_row(v_tail))
+        self._device = q.device.index
+        # The compiled kernels' launches (_Launch), and the layout of the query and new rows
+        # the decode kernel was specialized for.
+        self._launch: _Launch | None = None
+        self._combine: _Launch | None = None
+        self._layout: tuple | None = None
 
-    def run(self, q: torch.Tensor, tail_len: int) -> torch.Tensor:
+    def run(
+        self, q: torch.Tensor, tail_len: int, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attention of ``q`` (the plan's shape and dtype) over the packed blocks and the
-        first ``tail_len`` tail tokens: ``[batch, q_heads, head_dim]`` in q's dtype."""
-        decode_args, combine_args = self._decode_args, self._combine_args
-        strides = _query_strides(q)
-        decode_args[_Q], decode_args[_S_QB], decode_args[_S_QH], decode_args[_S_QD] = q, *strides
-        decode_args[_TAIL_LEN] = tail_len
-        out = combine_args[_OUT] = torch.empty(self._out_shape, dtype=q.dtype, device=q.device)
-        layout = (strides, q.data_ptr() % 16)
-        if self._launch is not None and layout == self._q_layout:
-            decode, combine = self._launch
-            decode(*decode_args)
-            combine(*combine_args)
-            return out
-        decode_grid, combine_grid = self._grids
-        decode = _decode_kernel[decode_grid](*decode_args, **self._options)
-        combine = _combine_kernel[combine_grid](*combine_args)
-        if isinstance(decode, CompiledKernel) and isinstance(combine, CompiledKernel):
-            self._launch, self._q_layout = (decode[decode_grid], combine[combine_grid]), layout
+        first ``tail_len`` tail tokens: ``[batch, q_heads, head_dim]`` in q's dtype (with
+        ``token_axis``, ``[batch, 1, q_heads, head_dim]``).
+
+        ``k_new`` / ``v_new``: ``[batch, kv_heads, 1, head_dim]`` in the tail's dtype, the
+        token at ``tail_len - 1``, which the launch writes into the tail before attending
+        to it; None when the tail holds it already.
+        """
+        # A decode step runs this once a layer: it is written for few Python operations.
+        args = self._decode_args
+        args[_Q] = q
+        args[_S_QB], args[_S_QH], args[_S_QD] = q_strides = q.stride(0), q.stride(1), q.stride(-1)
+        args[_TAIL_LEN] = tail_len
+        if k_new is None:
+            args[_KN : _KN + 4], args[_VN : _VN + 4] = self._no_rows
+            args[_APPEND] = 0
+            layout = q_strides, q.data_ptr() % 16
+        else:
+            args[_KN : _KN + 4] = k_new, k_new.stride(0), k_new.stride(1), k_new.stride(3)
+            args[_VN : _VN + 4] = v_new, v_new.stride(0), v_new.stride(1), v_new.stride(3)
+            args[_APPEND] = 1
+            layout = (q_strides, q.data_ptr() % 16, k_new.stride(3), k_new.data_ptr() % 16, v_new.stride(3),
+                      v_new.data_ptr() % 16)
+        folded = FOLDED_COMBINE
+        args[_MERGE] = int(folded)
+        out = args[_OUT_D] = torch.empty(self._out_shape, dtype=q.dtype, device=q.device)
+        launch = self._launch
+        if launch is not None and layout == self._layout:
+            launch(args)
+        else:
+            compiled = _decode_kernel[self._grids[0]](*args, **self._options)
+            if isinstance(compiled, CompiledKernel):
+                self._launch, self._layout = _Launch(compiled, self._grids[0], args, _RUN_SETS, self._device), layout
+        if not folded:
+            combine_args = self._combine_args
+            combine_args[_OUT] = out
+            if self._combine is not None:
+                self._combine(combine_args)
+            else:
+                compiled = _combine_kernel[self._grids[1]](*combine_args)
+                if isinstance(compiled, CompiledKernel):
+                    self._combine = _Launch(compiled, self._grids[1], combine_args, (_OUT,), self._device)
         return out
+
+
+class _Launch:
+    """A compiled kernel's launch, its fixed tensor arguments as integer addresses.
+
+    ``args`` is the full argument list the dispatcher took; at each call, the positions in
+    ``varying`` come from the list given, every other argument from ``args`` as it was
+    then, tensors as their addresses (the plan keeps them alive). The launcher is the one
+    the compiled kernel's own ``kernel[grid](...)`` calls, given no launch hooks and no
+    metadata for them; while a launch hook is set (Triton's profilers), with
+    ``DIRECT_LAUNCH`` off, or on a Triton whose compiled kernels lack that launcher, the
+    launch goes through ``kernel[grid](...)``.
+    """
+
+    def __init__(self, compiled: CompiledKernel, grid: tuple[int, int, int], args: list, varying: tuple[int, ...],
+                 device: int) -> None:
+        self.runner = compiled[grid]  # also loads the kernel's module (the handles below)
+        launcher, function = getattr(compiled, "run", None), getattr(compiled, "function", None)
+        self.direct = launcher is not None and function is not None and hasattr(compiled, "packed_metadata")
+        # The launcher's arguments: grid, stream (set at each call), function, metadata, the
+        # launch metadata and two hooks (none), then the kernel's.
+        self.head = [*grid, 0, function, getattr(compiled, "packed_metadata", None), None, None, None]
+        self.fixed = self.head + [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+        self.launcher, self.varying = launcher, tuple(len(self.head) + i for i in varying)
+        self.stream = driver.active.get_current_stream
+        self.device = device
+
+    def __call__(self, args: list) -> None:
+        if not (self.direct and DIRECT_LAUNCH) or _launch_hooks():
+            self.runner(*args, stream=self.stream(self.device))
+            return
+        call = self.fixed.copy()
+        call[3] = self.stream(self.device)
+        offset = len(self.head)
+        for i in self.varying:
+            call[i] = args[i - offset]
+        self.launcher(*call)
+
+
+def _launch_hooks() -> bool:
+    """Whether a launch hook is set. Triton 3.6+ keeps them as (usually empty) chains,
+    which its own launch calls, with a metadata dict built for them, at every launch."""
+    runtime = knobs.runtime
+    return any(hook is not None and getattr(hook, "calls", True) for hook in (runtime.launch_enter_hook,
+                                                                              runtime.launch_exit_hook))
+
+
+def _no_row(tail: torch.Tensor) -> tuple:
+    """A new token's row arguments for a launch that appends nothing (any pointer: none is read)."""
+    return tail, 0, 0, 1
 
 
 def _query_strides(q: torch.Tensor) -> tuple[int, int, int]:
@@ -299,8 +433,12 @@ def _in_order(kernel, *args, **constexprs) -> list:
     return [*args, *(constexprs[name] for name in names[len(args):])]
 
 
-_Q, _S_QB, _S_QH, _S_QD, _TAIL_LEN = map(_decode_kernel.arg_names.index, ("q_ptr", "s_qb", "s_qh", "s_qd", "tail_len"))
+_Q, _S_QB, _S_QH, _S_QD, _TAIL_LEN, _APPEND, _MERGE, _KN, _VN, _OUT_D = map(
+    _decode_kernel.arg_names.index,
+    ("q_ptr", "s_qb", "s_qh", "s_qd", "tail_len", "append", "merge", "kn_ptr", "vn_ptr", "out_ptr"))
 _OUT = _combine_kernel.arg_names.index("out_ptr")
+# The decode kernel's arguments that DecodePlan.run sets.
+_RUN_SETS = (_Q, _S_QB, _S_QH, _S_QD, _TAIL_LEN, _APPEND, _MERGE, _OUT_D, *range(_KN, _KN + 4), *range(_VN, _VN + 4))
 
 
 def decode_attention_triton(
