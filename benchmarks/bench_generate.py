@@ -291,6 +291,14 @@ def device_time(model, cache, nxt: torch.Tensor, steps: int, device: torch.devic
     return nxt, busy_us / 1e3 / steps
 
 
+def prefill(model, cache, prompt: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed ``prompt [batch, tokens]`` through ``model`` into ``cache``, ``chunk`` tokens at a
+    time; the logits of the last position ``[batch, 1, vocab]``."""
+    for lo in range(0, prompt.shape[1], chunk):
+        logits = model(prompt[:, lo : lo + chunk], past_key_values=cache, logits_to_keep=1).logits
+    return logits
+
+
 @torch.no_grad()
 def run_one(model, make_cache, context: int, batch: int, args, device) -> Row:
     """Prefill ``batch`` random prompts of ``context`` tokens, then warm up and time greedy decode steps."""
@@ -299,11 +307,9 @@ def run_one(model, make_cache, context: int, batch: int, args, device) -> Row:
     reset_peak(device)
     before = allocated(device)
     cache = make_cache()
-    chunk = max(1, args.prefill_tokens // batch)
     sync(device)
     start = time.perf_counter()
-    for lo in range(0, context, chunk):
-        logits = model(prompt[:, lo : lo + chunk], past_key_values=cache, logits_to_keep=1).logits
+    logits = prefill(model, cache, prompt, max(1, args.prefill_tokens // batch))
     sync(device)
     prefill_s = time.perf_counter() - start
     alloc = allocated(device) - before - logits.numel() * logits.element_size()

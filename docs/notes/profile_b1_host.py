@@ -29,12 +29,9 @@ with bg.sdpa_backends(dev), torch.no_grad():
             bg.set_attention(model, attn)
             prompt = torch.randint(0, 1000, (1, CTX), device=dev)
             cache = make()
-            for lo in range(0, CTX, 32768):
-                logits = model(prompt[:, lo:lo + 32768], past_key_values=cache, logits_to_keep=1).logits
-            nxt = logits[:, -1:].argmax(-1)
-            del logits, prompt
-            for _ in range(66):
-                nxt = model(nxt, past_key_values=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+            nxt = bg.prefill(model, cache, prompt, 32768)[:, -1:].argmax(-1)
+            del prompt
+            nxt, _, _ = bg.decode(model, cache, nxt, 66, dev)  # warm-up steps
             torch.cuda.synchronize()
             plain = time.perf_counter()
             for _ in range(STEPS):

@@ -140,8 +140,7 @@ class PackKVLayer(CacheLayerMixin):
         else:
             if n + new > self._k_buf.shape[2]:
                 self._set_storage(_moved(self._k_buf, 0, n, n + new), _moved(self._v_buf, 0, n, n + new))
-            self._k_buf.narrow(2, n, new).copy_(key_states)
-            self._v_buf.narrow(2, n, new).copy_(value_states)
+            self._write(n, key_states, value_states)
         self.n_buffer = n + new
         self.unseen = new
         if self._valid is not None:
@@ -239,8 +238,12 @@ class PackKVLayer(CacheLayerMixin):
         """Copy a pending token into the buffer (see the class docstring)."""
         if self._pending is not None:
             (k, v), self._pending = self._pending, None
-            self._k_buf.narrow(2, self.n_buffer - 1, 1).copy_(k)
-            self._v_buf.narrow(2, self.n_buffer - 1, 1).copy_(v)
+            self._write(self.n_buffer - 1, k, v)
+
+    def _write(self, at: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Copy ``[batch, kv_heads, new, head_dim]`` K and V into the buffer's storage from token ``at``."""
+        self._k_buf.narrow(2, at, key_states.shape[2]).copy_(key_states)
+        self._v_buf.narrow(2, at, value_states.shape[2]).copy_(value_states)
 
     def _set_storage(self, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
         """Make ``k_buf`` / ``v_buf`` ``[batch, kv_heads, capacity, head_dim]`` the buffer's

@@ -287,6 +287,7 @@ class DecodePlan:
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty(batch, q_heads, n_split, head_dim, dtype=torch.float32, device=q.device)
         counter = torch.zeros(batch * k.heads, dtype=torch.int32, device=q.device)
+        self._no_rows = (_no_row(k_tail), _no_row(v_tail))
         if mask is None:
             mask_arg, mask_strides = k_tail, (0, 0, 0)  # any pointer: the kernel reads no mask
         else:
@@ -298,7 +299,7 @@ class DecodePlan:
             _decode_kernel, q, m_part, l_part, acc_part, counter, None, q_heads * head_dim, head_dim, 1,
             *packed_args(k), *packed_args(v),
             k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), mask_arg, *mask_strides, *_query_strides(q),
-            *_no_row(k_tail), *_no_row(v_tail),
+            *self._no_rows[0], *self._no_rows[1],
             k.heads, n_words, per_split, n_pack_splits, n_split, 0, 0, 1, sm_scale * LOG2E,
             GROUP=q_heads // k.heads, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
             K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
@@ -313,7 +314,6 @@ class DecodePlan:
         # Three dimensions: a compiled kernel's launcher reads grid[2] (the dispatcher pads).
         self._grids = ((batch * k.heads, n_split, 1), (batch * q_heads, 1, 1))
         self._options = settings["options"]
-        self._no_rows = (_no_row(k_tail), _no_row(v_tail))
         self._device = q.device.index
         # The compiled kernels' launches (_Launch), and the layout of the query and new rows
         # the decode kernel was specialized for.
@@ -335,7 +335,7 @@ class DecodePlan:
         # A decode step runs this once a layer: it is written for few Python operations.
         args = self._decode_args
         args[_Q] = q
-        args[_S_QB], args[_S_QH], args[_S_QD] = q_strides = q.stride(0), q.stride(1), q.stride(-1)
+        args[_S_QB], args[_S_QH], args[_S_QD] = q_strides = _query_strides(q)
         args[_TAIL_LEN] = tail_len
         if k_new is None:
             args[_KN : _KN + 4], args[_VN : _VN + 4] = self._no_rows
