@@ -38,7 +38,7 @@ from packkv.kernels import (
     decode_attention, decode_attention_reference, pv, pv_reference, qk, qk_reference,
 )
 
-from _cli import ints  # benchmarks/_cli.py
+from _cli import ints, optional_ints  # benchmarks/_cli.py
 
 CHUNK_TOKENS = 2048
 TAIL_TOKENS = 32  # fp16 tail after the packed blocks, read by the fused kernel and SDPA alike
@@ -239,13 +239,13 @@ def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16),
     register caps (the same setting for all three kernels; every combination of the three
     lists, a cap of None being no cap).
 
-    Shapes: Llama batch 1 and 8, SmolLM2 batch 8, each over copies of its cache in rotation
+    Shapes: Llama and SmolLM2, batch 1 and 8, each over copies of its cache in rotation
     (more than the L2 holds). Each setting is timed twice (the second time after all
     others) to show the run-to-run spread.
     """
     config = PackKVConfig()
     cases = []
-    for shape, batch in ((SHAPES[0], 1), (SHAPES[0], 8), (SHAPES[1], 8)):
+    for shape, batch in ((SHAPES[0], 1), (SHAPES[0], 8), (SHAPES[1], 1), (SHAPES[1], 8)):
         k, v = chunks[shape.name]
         chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
         kv = build_cache(chunk, batch, 32768)
@@ -270,10 +270,6 @@ def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16),
     return rows
 
 
-def caps(text: str) -> list[int | None]:
-    return [None if x == "none" else int(x) for x in text.split(",")]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=".kvdata/smollm2_kv.pt", help="file written by capture_kv.py")
@@ -285,9 +281,10 @@ def main() -> None:
     parser.add_argument("--programs-per-sm", type=int, help="override the split heuristic's programs per multiprocessor")
     parser.add_argument("--max-registers", type=int, help="override the register cap a thread (Triton maxnreg)")
     parser.add_argument("--variants", action="store_true", help="first time tile sizes x programs per SM x register caps at T=32K")
-    parser.add_argument("--variant-tile-words", type=ints, default=[2, 4], help="tile words --variants tries")
+    parser.add_argument("--variant-tile-words", type=optional_ints, default=[2, 4],
+                        help="tile words --variants tries ('none': each kernel's default)")
     parser.add_argument("--variant-programs", type=ints, default=[8, 16], help="programs per SM --variants tries")
-    parser.add_argument("--variant-caps", type=caps, default=[None, 128],
+    parser.add_argument("--variant-caps", type=optional_ints, default=[None, 128],
                         help="register caps --variants tries ('none': no cap), e.g. none,128,144")
     parser.add_argument("--variants-only", action="store_true", help="stop after --variants (no table)")
     parser.add_argument("--tokens", type=ints, help="context lengths of the table (default 4096,32768,131072)")

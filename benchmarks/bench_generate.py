@@ -38,6 +38,11 @@ copy kernels a layer) and ``packkv-runner`` (also: launches through Triton's
 ``--rounds N`` runs each (context, batch) N times with the caches interleaved (A B, B A, ...)
 and prints the median tok/s over the rounds: a batch-1 step is bound by the host, whose
 speed drifts by tens of percent within one run on the GPU machine.
+``--paired N`` replaces the table by a measurement made for a host-bound step: every cache
+is prefilled with the same prompt and held at once, then N rounds of ``--segment`` decode
+steps of each run alternately (A B, B A, ...), each segment timed between two
+synchronizations. It prints each cache's median ms a step, its throughput against
+DynamicCache over all rounds (total time over the same steps), and the per-round ratios.
 Before the table, one small run of each cache compiles the kernels (prefill appends of
 16 and of 17 blocks, decode appends of one), so that *prefill s* is not compile time.
 
@@ -57,6 +62,7 @@ fitted, with the smallest that did not, or the cap (the model's 131072 positions
 
     PYTHONPATH=src python3 benchmarks/bench_generate.py --json out.json
     PYTHONPATH=src python3 benchmarks/bench_generate.py --quick
+    PYTHONPATH=src python3 benchmarks/bench_generate.py --paired 48 --segment 16 --batches 1 --caches dynamic,packkv
     PYTHONPATH=src python3 benchmarks/bench_generate.py --fit --contexts 32768 --batches 8
     PYTHONPATH=src python3 benchmarks/bench_generate.py --tiny --fit   # CPU check, tiny model
 """
@@ -338,6 +344,82 @@ def run_one(model, make_cache, context: int, batch: int, args, device) -> Row:
     )
 
 
+def activate(model, label: str, attn: str) -> None:
+    """Select a cache's attention implementation and, for PackKVCache and its ablations, the
+    switches of its host path (read at each step, so caches of several labels can alternate)."""
+    set_attention(model, attn)
+    if label in PACKKV_ABLATIONS:
+        kernels = sys.modules["packkv.kernels.decode_attention"]
+        kernels.FOLDED_COMBINE, packkv.cache.FUSED_APPEND, kernels.DIRECT_LAUNCH = PACKKV_ABLATIONS[label]
+
+
+@dataclass
+class Segment:
+    cache: str
+    context: int
+    batch: int
+    pair: int  # which round of segments
+    ms_per_step: float  # CUDA-synchronized wall time of the segment / its steps
+    host_ms_step: float  # median host time to enqueue a step
+
+
+@torch.no_grad()
+def run_paired(model, makers, context: int, batch: int, args, device) -> list[Segment]:
+    """Every cache prefilled with the same prompt and held at once, then ``args.paired`` rounds
+    of ``args.segment`` decode steps of each, alternating (A B, B A, ...): a segment's
+    neighbours ran a second or less before or after it, so a drift of the host's speed
+    reaches each cache alike. Each cache grows by ``paired x segment`` tokens in all."""
+    gen = torch.Generator(device="cpu").manual_seed(context + batch)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    state = {}
+    for label, (attn, make) in makers.items():
+        activate(model, label, attn)
+        cache = make()
+        logits = prefill(model, cache, prompt, max(1, args.prefill_tokens // batch))
+        nxt, _, _ = decode(model, cache, logits[:, -1:].argmax(-1), args.warmup_steps, device)
+        state[label] = cache, nxt
+        del logits
+    del prompt
+    free_memory(device)
+    segments, order = [], list(makers)
+    for pair in range(args.paired):
+        for label in order if pair % 2 == 0 else order[::-1]:
+            activate(model, label, makers[label][0])
+            cache, nxt = state[label]
+            sync(device)
+            start = time.perf_counter()
+            nxt, _, host = decode(model, cache, nxt, args.segment, device)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            state[label] = cache, nxt
+            segments.append(Segment(label, context, batch, pair, 1e3 * elapsed / args.segment, statistics.median(host)))
+    del state
+    free_memory(device)
+    return segments
+
+
+def print_paired(segments: list[Segment]) -> None:
+    """Per (context, batch, cache): median ms a step over its segments; against DynamicCache,
+    the throughput ratio over all rounds (its total time / this cache's, the same steps: a
+    segment that packs a block counts in full) and, per round, its step time / this cache's
+    (> 1: faster than DynamicCache)."""
+    by_key: dict[tuple, dict[int, Segment]] = {}
+    for s in segments:
+        by_key.setdefault((s.context, s.batch, s.cache), {})[s.pair] = s
+    print(f"{'cache':<18}{'context':>8}{'batch':>6}{'segments':>9}{'median ms/step':>16}{'tok/s':>9}{'host ms':>9}"
+          f"{'vs dynamic: throughput':>24}{'per round: median':>19}{'min':>7}{'max':>7}{'faster in':>11}")
+    for (context, batch, cache), runs in by_key.items():
+        ms = statistics.median(s.ms_per_step for s in runs.values())
+        base = by_key.get((context, batch, "dynamic"), {})
+        pairs = [(base[p].ms_per_step, s.ms_per_step) for p, s in runs.items() if p in base]
+        ratios = [b / m for b, m in pairs]
+        paired = (f"{sum(b for b, _ in pairs) / sum(m for _, m in pairs):>24.3f}{statistics.median(ratios):>19.3f}"
+                  f"{min(ratios):>7.3f}{max(ratios):>7.3f}{sum(r > 1 for r in ratios):>6} of {len(ratios):<3}"
+                  ) if pairs and cache != "dynamic" else f"{'-':>24}"
+        print(f"{cache:<18}{context:>8}{batch:>6}{len(runs):>9}{ms:>16.3f}{1e3 * batch / ms:>9.1f}"
+              f"{statistics.median(s.host_ms_step for s in runs.values()):>9.2f}{paired}")
+
+
 def guarded(model, label, attn, make_cache, context, batch, args, device) -> Row:
     """``run_one`` that turns an out-of-memory error into a row, and frees everything after."""
     set_attention(model, attn)
@@ -571,10 +653,17 @@ def main() -> None:
     parser.add_argument("--fit-calibration", type=int, default=16384, help="tokens of the calibration fill")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs of each (context, batch, cache), the caches interleaved; then medians")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="instead of the table: hold every cache at once and time N rounds of --segment "
+                             "decode steps of each, alternating (see run_paired)")
+    parser.add_argument("--segment", type=int, default=BENCH_PACKKV.block_size,
+                        help="decode steps of a --paired segment (default a block: each packs one block a layer)")
     parser.add_argument("--json", metavar="FILE", help="write the rows and settings as JSON")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.paired < 0 or args.segment < 1:
+        parser.error(f"--paired must be >= 0 and --segment >= 1, got {args.paired} and {args.segment}")
     if args.decode_tokens < 1 or args.warmup_steps < 0 or args.prefill_tokens < 1 or args.fit_probes < 1:
         parser.error("--decode-tokens, --prefill-tokens and --fit-probes must be >= 1, --warmup-steps >= 0")
 
@@ -606,7 +695,7 @@ def main() -> None:
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
               f"{args.warmup_steps} warm-up + {args.decode_tokens} timed decode steps, PackKV {BENCH_PACKKV}")
     report = {"header": header, "args": vars(args), "notes": notes, "packkv_config": BENCH_PACKKV.to_dict(),
-              "rows": [], "fit": []}
+              "rows": [], "segments": [], "fit": []}
 
     def save() -> None:
         # After the table and again after --fit: a run cut short keeps what it measured.
@@ -618,17 +707,29 @@ def main() -> None:
     print(header)
     with sdpa_backends(device):
         warm_up(model, makers, args, device)
-        print(TABLE_HEAD, flush=True)
-        for c in args.contexts:
-            for b in args.batches:
-                order = list(makers.items())
-                for r in range(args.rounds):
-                    # A B, B A, ...: a drift of the host's speed during the rounds cancels.
-                    for label, (attn, make) in (order if r % 2 == 0 else order[::-1]):
-                        row = guarded(model, label, attn, make, c, b, args, device)
-                        row.round = r
-                        report["rows"].append(asdict(row))
-                        print(table_line(row), flush=True)
+        if args.paired:
+            for c in args.contexts:
+                for b in args.batches:
+                    try:
+                        segments = run_paired(model, makers, c, b, args, device)
+                    except torch.OutOfMemoryError:
+                        print(f"paired: context {c} batch {b}: out of memory with every cache held at once")
+                        free_memory(device)
+                        continue
+                    report["segments"] += [asdict(s) for s in segments]
+                    print_paired(segments)
+        else:
+            print(TABLE_HEAD, flush=True)
+            for c in args.contexts:
+                for b in args.batches:
+                    order = list(makers.items())
+                    for r in range(args.rounds):
+                        # A B, B A, ...: a drift of the host's speed during the rounds cancels.
+                        for label, (attn, make) in (order if r % 2 == 0 else order[::-1]):
+                            row = guarded(model, label, attn, make, c, b, args, device)
+                            row.round = r
+                            report["rows"].append(asdict(row))
+                            print(table_line(row), flush=True)
     if args.rounds > 1:
         print_rounds(report["rows"])
     for note in notes:

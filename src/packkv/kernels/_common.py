@@ -23,12 +23,19 @@ MAX_REGISTERS: int | None = None  # register cap a thread (Triton's maxnreg)
 # Measured on an H100 (docs/notes/kernels.md, v5, T = 32K, Llama-3.1-8B and SmolLM2 shapes):
 # (tile words, programs per multiprocessor, register cap or None) by kernel and head_dim.
 # A cap of 128 lets 4 programs of the products share a multiprocessor without spills;
-# attention keeps its registers (a cap spills it and costs up to 1.6x).
+# attention keeps its registers (a cap spills it and costs up to 1.6x). The programs per
+# multiprocessor are those one multiprocessor holds at once, so that the splits make one
+# wave (docs/notes/kernels.md, "Splits: one wave"): what the registers allow with Triton
+# 3.6 on an H100 (the products 128 a thread; attention 255 x 4 warps at head_dim 128, 246
+# x 2 at 64). A launch counts them on the kernel it compiled (count_resident), and later
+# launches of that kernel use the count.
 DEFAULTS = {
-    ("qk", 64): (2, 16, 128), ("qk", 128): (2, 16, 128),
-    ("pv", 64): (2, 8, 128), ("pv", 128): (2, 8, 128),
-    ("attention", 64): (2, 8, None), ("attention", 128): (4, 8, None),
+    ("qk", 64): (2, 8, 128), ("qk", 128): (2, 4, 128),
+    ("pv", 64): (2, 8, 128), ("pv", 128): (2, 4, 128),
+    ("attention", 64): (2, 4, None), ("attention", 128): (4, 2, None),
 }
+# Programs one multiprocessor holds at once, by kernel key (see programs_per_sm).
+_RESIDENT: dict[tuple, int] = {}
 
 
 def use_triton(device: torch.device) -> bool:
@@ -137,9 +144,10 @@ def tile_splits(
     """How a (batch, KV head)'s ``n_words`` packed words are cut into chunks of whole tiles
     of ``tile_words`` words: ``(tiles_per_split, splits)``, ``splits`` 0 when there is no word.
 
-    Enough chunks for ``programs_per_sm`` programs on every multiprocessor over the
-    ``work_items`` (batch, KV head) pairs; each chunk keeps at least one tile. ``requested``
-    (tests, tuning) overrides the heuristic.
+    As many chunks as give every multiprocessor ``programs_per_sm`` programs over the
+    ``work_items`` (batch, KV head) pairs, rounded down (so that a whole wave, plus the short
+    programs of the fp16 tail, starts at once); at least one, and each chunk keeps at
+    least one tile. ``requested`` (tests, tuning) overrides the heuristic.
     """
     n_tiles = -(-n_words // tile_words)
     if n_tiles == 0:
@@ -150,6 +158,43 @@ def tile_splits(
         wanted = min(requested, n_tiles)
     else:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        wanted = max(1, min(n_tiles, -(-programs_per_sm * sms // max(work_items, 1))))
+        wanted = max(1, min(n_tiles, programs_per_sm * sms // max(work_items, 1)))
     per_split = -(-n_tiles // wanted)
     return per_split, -(-n_tiles // per_split)
+
+
+def resident_programs(compiled, props) -> int | None:
+    """Programs of a compiled Triton kernel that one multiprocessor holds at once, bound by
+    registers, threads and shared memory; None if the kernel does not say.
+
+    ``props``: the device's properties (``torch.cuda.get_device_properties``); a field it
+    lacks takes the value of recent NVIDIA GPUs, or drops its bound.
+    """
+    regs, meta = getattr(compiled, "n_regs", 0), getattr(compiled, "metadata", None)
+    warps = getattr(meta, "num_warps", 0)
+    if not regs or not warps:
+        return None
+    # Registers are given to a warp in units of 256 (8 a thread).
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (-(-regs // 8) * 8 * 32 * warps)
+    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    shared, shared_sm = getattr(meta, "shared", 0), getattr(props, "shared_memory_per_multiprocessor", 0)
+    by_shared = shared_sm // shared if shared and shared_sm else by_threads
+    return max(1, min(by_regs, by_threads, by_shared))
+
+
+def programs_per_sm(settings: dict, key: tuple) -> int:
+    """The programs a multiprocessor the split heuristic aims for: the PROGRAMS_PER_SM
+    override, else those counted on a kernel compiled for ``key`` (the kernel's name,
+    device, constexprs and launch options: what sets its registers), else the default's."""
+    if PROGRAMS_PER_SM is not None:
+        return PROGRAMS_PER_SM
+    return _RESIDENT.get(key, settings["programs_per_sm"])
+
+
+def count_resident(key: tuple, compiled, device: torch.device) -> None:
+    """Remember how many programs of ``compiled`` (what a CUDA launch returned) one
+    multiprocessor holds at once, for the launches after it with the same ``key``."""
+    if key not in _RESIDENT and device.type == "cuda":
+        resident = resident_programs(compiled, torch.cuda.get_device_properties(device))
+        if resident is not None:
+            _RESIDENT[key] = resident

@@ -21,7 +21,7 @@ from triton.runtime import driver
 
 from ..codec.format import PackedKV, PackedTensor
 from . import _common
-from ._common import check_attention, tile_splits, use_asm, use_triton
+from ._common import check_attention, count_resident, programs_per_sm, tile_splits, use_asm, use_triton
 from .planes import (
     fetch_meta, load_query_tile, packed_args, pow2_rows, side_pointers, split_halves, split_tiles, stage_tile, tile_tokens,
 )
@@ -280,8 +280,14 @@ class DecodePlan:
         n_words = k.n_tokens // 32
         settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
         tw = settings["tile_words"]
+        constexprs = dict(
+            GROUP=q_heads // k.heads, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
+            K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
+            TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), CHUNK=COMBINE_CHUNK,
+        )
+        self._kernel_key = ("attention", q.device, tuple(constexprs.items()), tuple(settings["options"].items()))
         per_split, n_pack_splits = tile_splits(batch * k.heads, n_words, tw, q.device, splits,
-                                               settings["programs_per_sm"])
+                                               programs_per_sm(settings, self._kernel_key))
         n_split = n_pack_splits + (k_tail.shape[2] > 0)
         m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
@@ -300,10 +306,7 @@ class DecodePlan:
             *packed_args(k), *packed_args(v),
             k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), mask_arg, *mask_strides, *_query_strides(q),
             *self._no_rows[0], *self._no_rows[1],
-            k.heads, n_words, per_split, n_pack_splits, n_split, 0, 0, 1, sm_scale * LOG2E,
-            GROUP=q_heads // k.heads, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
-            K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
-            TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), CHUNK=COMBINE_CHUNK,
+            k.heads, n_words, per_split, n_pack_splits, n_split, 0, 0, 1, sm_scale * LOG2E, **constexprs,
         )
         self._out_shape = (batch, 1, q_heads, head_dim) if token_axis else (batch, q_heads, head_dim)
         # run() sets the output; it is contiguous.
@@ -357,6 +360,7 @@ class DecodePlan:
             compiled = _decode_kernel[self._grids[0]](*args, **self._options)
             if isinstance(compiled, CompiledKernel):
                 self._launch, self._layout = _Launch(compiled, self._grids[0], args, _RUN_SETS, self._device), layout
+                count_resident(self._kernel_key, compiled, q.device)
         if not folded:
             combine_args = self._combine_args
             combine_args[_OUT] = out
@@ -383,6 +387,7 @@ class _Launch:
 
     def __init__(self, compiled: CompiledKernel, grid: tuple[int, int, int], args: list, varying: tuple[int, ...],
                  device: int) -> None:
+        self.compiled = compiled
         self.runner = compiled[grid]  # also loads the kernel's module (the handles below)
         launcher, function = getattr(compiled, "run", None), getattr(compiled, "function", None)
         self.direct = launcher is not None and function is not None and hasattr(compiled, "packed_metadata")
@@ -465,7 +470,7 @@ def decode_attention(
         mask: optional bool ``[batch, 1 or kv_heads, kv.n_tokens]``, True where a token is
             attended, in packed token order (the tail after the blocks).
         splits: chunks of the packed sequence (whole tiles of packs) per (batch, KV head); None
-            picks enough to fill the GPU.
+            picks one wave: as many programs as the GPU holds at once.
 
     Returns:
         ``[batch, q_heads, head_dim]`` in q's dtype; zeros for a row that attends nothing.

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ..codec.format import PackedTensor
 from . import _common
-from ._common import check_packed, check_probs, tile_splits, use_asm, use_triton
+from ._common import check_packed, check_probs, count_resident, programs_per_sm, tile_splits, use_asm, use_triton
 from .planes import (
     fetch_meta, high_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_tiles, stage_tile, tile_tokens,
 )
@@ -123,15 +123,18 @@ def pv_triton(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> to
         return torch.zeros(batch, q_heads, v.head_dim, dtype=torch.float32, device=p.device)
     settings = _common.launch_settings("pv", v.head_dim, v.block_size, v.grouping == "channel")
     tw = settings["tile_words"]
-    per_split, n_split = tile_splits(batch * v.heads, n_words, tw, p.device, splits, settings["programs_per_sm"])
-    partial = torch.empty(batch, q_heads, n_split, v.head_dim, dtype=torch.float32, device=p.device)
-    _pv_kernel[(batch * v.heads, n_split)](
-        p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3],
-        v.heads, n_words, per_split,
+    constexprs = dict(
         GROUP=group, D=v.head_dim, PACK=v.pack_size, BLOCK=v.block_size,
         MIN_BITS=v.min_bits, TOKEN_GROUPED=v.grouping == "token", TW=tw, WIDE=v.width_bound > 8, ASM=use_asm(p.device),
-        **settings["options"],
     )
+    key = ("pv", p.device, tuple(constexprs.items()), tuple(settings["options"].items()))
+    per_split, n_split = tile_splits(batch * v.heads, n_words, tw, p.device, splits, programs_per_sm(settings, key))
+    partial = torch.empty(batch, q_heads, n_split, v.head_dim, dtype=torch.float32, device=p.device)
+    compiled = _pv_kernel[(batch * v.heads, n_split)](
+        p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3], v.heads, n_words, per_split,
+        **constexprs, **settings["options"],
+    )
+    count_resident(key, compiled, p.device)
     return partial.sum(dim=2)
 
 
@@ -143,7 +146,7 @@ def pv(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> torch.Ten
             multiple of V's heads (query head h reads KV head ``h // group``).
         v: packed V, head_dim 64 or 128.
         splits: chunks of the sequence (whole tiles of packs) per (batch, KV head); None
-            picks enough to fill the GPU.
+            picks one wave: as many programs as the GPU holds at once.
 
     Returns:
         fp32 ``[batch, q_heads, head_dim]``. The kernel multiplies in fp16 on the tensor

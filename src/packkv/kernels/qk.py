@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ..codec.format import PackedTensor
 from . import _common
-from ._common import check_packed, check_query, tile_splits, use_asm, use_triton
+from ._common import check_packed, check_query, count_resident, programs_per_sm, tile_splits, use_asm, use_triton
 from .planes import (
     fetch_meta, high_tile, load_query_tile, packed_args, planes_to_tile, pow2_rows, side_pointers, split_halves, split_tiles,
     stage_tile, tile_tokens,
@@ -118,15 +118,18 @@ def qk_triton(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> to
         return out
     settings = _common.launch_settings("qk", k.head_dim, k.block_size, k.grouping == "channel")
     tw = settings["tile_words"]
-    per_split, n_split = tile_splits(batch * k.heads, n_words, tw, q.device, splits, settings["programs_per_sm"])
-    grid = (batch * k.heads, n_split)
-    _qk_kernel[grid](
-        q, out, *packed_args(k), *q.stride(), *out.stride(),
-        k.heads, n_words, per_split,
+    constexprs = dict(
         GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size,
         MIN_BITS=k.min_bits, TOKEN_GROUPED=k.grouping == "token", TW=tw, WIDE=k.width_bound > 8, ASM=use_asm(q.device),
-        **settings["options"],
     )
+    key = ("qk", q.device, tuple(constexprs.items()), tuple(settings["options"].items()))
+    per_split, n_split = tile_splits(batch * k.heads, n_words, tw, q.device, splits, programs_per_sm(settings, key))
+    grid = (batch * k.heads, n_split)
+    compiled = _qk_kernel[grid](
+        q, out, *packed_args(k), *q.stride(), *out.stride(), k.heads, n_words, per_split,
+        **constexprs, **settings["options"],
+    )
+    count_resident(key, compiled, q.device)
     return out
 
 
@@ -138,7 +141,7 @@ def qk(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> torch.Ten
             query head h reads KV head ``h // group``), head_dim 64 or 128.
         k: packed K.
         splits: chunks of the sequence (whole tiles of packs) per (batch, KV head); None
-            picks enough to fill the GPU.
+            picks one wave: as many programs as the GPU holds at once.
 
     Returns:
         fp32 ``[batch, q_heads, k.n_tokens]``, in packed token order. Triton on CUDA (and
