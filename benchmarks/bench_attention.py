@@ -234,6 +234,18 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
     return rows
 
 
+def resident_counts(head_dim: int) -> dict:
+    """Programs a multiprocessor counted on the kernels compiled for ``head_dim`` at the
+    current settings (tile words, launch options), by kernel."""
+    counts = {}
+    for key, resident in kernel_settings._RESIDENT.items():
+        kernel, constexprs, options = key[0], dict(key[2]), dict(key[3])
+        now = kernel_settings.launch_settings(kernel, head_dim, PackKVConfig().block_size, False)
+        if constexprs.get("D") == head_dim and constexprs.get("TW") == now["tile_words"] and options == now["options"]:
+            counts[kernel] = resident
+    return counts
+
+
 def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16), caps=(None, 128)) -> list[dict]:
     """Times of the three kernels at T = 32K for tile sizes, programs per multiprocessor and
     register caps (the same setting for all three kernels; every combination of the three
@@ -262,10 +274,13 @@ def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16),
                 times = [time_graph(fn, reps) * 1e6 / len(sets) for fn in (
                     lambda: [qk(q, kv.k) for kv in sets], lambda: [pv(p, kv.v) for kv in sets],
                     lambda: [decode_attention(q, kv) for kv in sets])]
+                resident = resident_counts(shape.head_dim) if pps is None else {}
                 rows.append(dict(model=shape.name, batch=batch, tile_words=tw, programs_per_sm=pps, max_registers=regs,
-                                 attempt=attempt, qk_us=times[0], pv_us=times[1], attention_us=times[2]))
-                print(f"variant tw {tw} programs/SM {pps:2d} maxnreg {regs} {shape.name} b{batch} T 32800 (try {attempt}): "
-                      f"K {times[0]:7.1f} us, V {times[1]:7.1f} us, attention {times[2]:7.1f} us", flush=True)
+                                 attempt=attempt, qk_us=times[0], pv_us=times[1], attention_us=times[2],
+                                 resident=resident))
+                print(f"variant tw {tw} programs/SM {pps or resident} maxnreg {regs} {shape.name} b{batch} T 32800 "
+                      f"(try {attempt}): K {times[0]:7.1f} us, V {times[1]:7.1f} us, attention {times[2]:7.1f} us",
+                      flush=True)
     kernel_settings.TILE_WORDS = kernel_settings.PROGRAMS_PER_SM = kernel_settings.MAX_REGISTERS = None
     return rows
 
@@ -283,9 +298,11 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="first time tile sizes x programs per SM x register caps at T=32K")
     parser.add_argument("--variant-tile-words", type=optional_ints, default=[2, 4],
                         help="tile words --variants tries ('none': each kernel's default)")
-    parser.add_argument("--variant-programs", type=ints, default=[8, 16], help="programs per SM --variants tries")
+    parser.add_argument("--variant-programs", type=optional_ints, default=[8, 16],
+                        help="programs per SM --variants tries ('none': those counted on the compiled kernel, one wave)")
     parser.add_argument("--variant-caps", type=optional_ints, default=[None, 128],
-                        help="register caps --variants tries ('none': no cap), e.g. none,128,144")
+                        help="register caps --variants tries ('none': each kernel's default, 128 for the products and "
+                             "none for attention), e.g. none,128,144")
     parser.add_argument("--variants-only", action="store_true", help="stop after --variants (no table)")
     parser.add_argument("--tokens", type=ints, help="context lengths of the table (default 4096,32768,131072)")
     parser.add_argument("--batches", type=ints, help="batches of the table (default 1,8)")
