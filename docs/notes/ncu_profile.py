@@ -35,7 +35,7 @@ from packkv.kernels import decode_attention, pv, qk  # noqa: E402
 
 SUMMARY = {
     "gpu__time_duration.sum": "time",
-    "dram__throughput.avg.pct_of_peak_sustained_elapsed": "DRAM % peak",
+    "dram__bytes_read.sum.per_second": "DRAM read rate",
     "dram__bytes_read.sum": "DRAM read",
     "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM % peak",
     "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy %",
