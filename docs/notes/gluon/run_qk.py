@@ -1,0 +1,90 @@
+"""Prototype check and timing: the Gluon K product (qk_gluon.py) against qk_reference and
+the current Triton qk, on bench_attention.py's real-KV caches, T = 32K. GPU only.
+
+    PYTHONPATH=src python3 docs/notes/gluon/run_qk.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
+from bench_attention import (  # noqa: E402
+    L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, rel_err, time_graph,
+)
+from qk_gluon import _qk_gluon, layouts  # noqa: E402
+
+from packkv import PackKVConfig, compress_kv  # noqa: E402
+from packkv.kernels import _common, qk, qk_reference  # noqa: E402
+from packkv.kernels.planes import packed_args  # noqa: E402
+
+
+def qk_gluon(q, k, tw: int, pps: int | None, resident: dict):
+    batch, q_heads, d = q.shape
+    group = q_heads // k.heads
+    nw = d // 32
+    assert k.grouping == "token" and k.pack_size == 32 and k.min_bits == 4 and k.width_bound <= 8
+    n_words = k.n_tokens // 32
+    mma, wq, meta, sh = layouts(d, nw, tw)
+    key = (d, tw)
+    per_split, n_split = _common.tile_splits(batch * k.heads, n_words, tw, q.device, None, pps or resident.get(key, 4))
+    out = torch.empty(batch, q_heads, k.n_tokens, dtype=torch.float32, device=q.device)
+    compiled = _qk_gluon[(batch * k.heads, n_split)](
+        q, out, *packed_args(k), *q.stride(), *out.stride(), k.heads, n_words, per_split,
+        GROUP=group, D=d, BLOCK=k.block_size, TW=tw, NPLANES=max(1, k.width_bound),
+        MMA=mma, WQ=wq, META=meta, SH=sh, num_warps=nw)
+    if key not in resident:
+        resident[key] = _common.resident_programs(compiled, torch.cuda.get_device_properties(q.device))
+        print(f"  compiled d{d} tw{tw}: {compiled.n_regs} registers, {resident[key]} programs an SM", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=".kvdata/smollm2_kv.pt")
+    parser.add_argument("--json")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    data = torch.load(args.data)
+    rows, resident = [], {}
+    for shape in SHAPES:
+        k, v = (t.cuda() for t in real_chunk(data, shape))
+        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2),
+                            PackKVConfig())
+        torch.manual_seed(0)
+        q = torch.randn(1, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+        for tw in (2, 4):
+            err = rel_err(qk_gluon(q, chunk.k, tw, None, resident), qk_reference(q, chunk.k))
+            print(f"check {shape.name} tw{tw}: rel err gluon {err:.1e} (K width bound {chunk.k.width_bound})", flush=True)
+            if not err < 1e-5:
+                raise SystemExit("gluon qk disagrees with the reference")
+        for batch in (1, 8):
+            kv = build_cache(chunk, batch, 32768)
+            sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+            q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+            row = dict(model=shape.name, batch=batch, tokens=32768,
+                       rel_err_32k=rel_err(qk_gluon(q, kv.k, 2, None, resident), qk_reference(q, kv.k)),
+                       triton_us=time_graph(lambda: [qk(q, s.k) for s in sets], args.reps) * 1e6 / len(sets))
+            for tw in (2, 4):
+                qk_gluon(q, sets[0].k, tw, None, resident)
+                for mult in (1, 2):
+                    pps = resident[(shape.head_dim, tw)] * mult
+                    row[f"gluon_tw{tw}_x{mult}_us"] = time_graph(
+                        lambda: [qk_gluon(q, s.k, tw, pps, resident) for s in sets], args.reps) * 1e6 / len(sets)
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
