@@ -309,6 +309,8 @@ def main() -> None:
     parser.add_argument("--combine-kernel", action="store_true",
                         help="merge the attention's splits in a second kernel (the version before 2026-11-24's "
                              "last change), not in the decode kernel's last program")
+    parser.add_argument("--no-gluon", action="store_true",
+                        help="the V product with pv.py's Triton kernel, not the Gluon one (pv_gluon.py)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs an NVIDIA GPU")
@@ -316,6 +318,8 @@ def main() -> None:
     batch_list = args.batches or ([1] if args.quick else [1, 8])
     if args.combine_kernel:
         sys.modules["packkv.kernels.decode_attention"].FOLDED_COMBINE = False
+    kernel_settings.GLUON = not args.no_gluon
+    gluon_kernel = sys.modules["packkv.kernels.pv"]._gluon
     reps = 10 if args.quick else 30
     data = torch.load(args.data)
     device = torch.cuda.get_device_name()
@@ -323,7 +327,8 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}, triton {triton.__version__}, {date}; kernel defaults "
           f"(tile words, programs/SM) {kernel_settings.DEFAULTS}; overrides: warps {args.num_warps}, tile words "
           f"{args.tile_words}, programs/SM {args.programs_per_sm}, max registers {args.max_registers}; splits merged "
-          f"{'by a second kernel' if args.combine_kernel else 'in the decode kernel'}", flush=True)
+          f"{'by a second kernel' if args.combine_kernel else 'in the decode kernel'}; V product by "
+          f"{'Gluon where it serves the format' if kernel_settings.GLUON and gluon_kernel else 'Triton'}", flush=True)
     chunks = {s.name: tuple(t.cuda() for t in real_chunk(data, s)) for s in SHAPES}
     log: list[str] = []
     if not args.no_check:
@@ -367,7 +372,8 @@ def main() -> None:
                            triton=triton.__version__, defaults={f"{k} d{d}": v for (k, d), v in kernel_settings.DEFAULTS.items()},
                            overrides=dict(num_warps=args.num_warps, tile_words=args.tile_words,
                                           programs_per_sm=args.programs_per_sm, max_registers=args.max_registers,
-                                          combine_kernel=args.combine_kernel),
+                                          combine_kernel=args.combine_kernel,
+                                          gluon=kernel_settings.GLUON and gluon_kernel is not None),
                            checks=log, variants=variants, rows=rows), f, indent=1)
 
 

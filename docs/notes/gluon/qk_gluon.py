@@ -15,7 +15,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from pv_gluon import _add, _bytes_f16
+from packkv.kernels.pv_gluon import _add, _bytes_f16
 
 
 def layouts(D: int, NW: int, TW: int):

@@ -14,6 +14,11 @@ from .planes import (
 )
 from .reference import pv_reference
 
+try:  # Gluon is experimental: a Triton without it, or with another API, keeps the Triton kernel
+    from . import pv_gluon as _gluon
+except Exception:  # noqa: BLE001 (any failure of the import means: not available)
+    _gluon = None
+
 
 @triton.jit
 def v_tile_sum(p, ptrs, w, m, max_w, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, s_word,
@@ -152,11 +157,14 @@ def pv(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> torch.Ten
         fp32 ``[batch, q_heads, head_dim]``. The kernel multiplies in fp16 on the tensor
         cores: each weight (times its token's step) is rounded to fp16 after scaling its
         row by a power of two, about 2**-12 relative, as FlashAttention rounds its
-        probabilities. Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), else
+        probabilities. On CUDA, the Gluon kernel of pv_gluon.py where it serves the format
+        (the defaults), else Triton (also on the CPU under ``TRITON_INTERPRET=1``); else
         :func:`pv_reference`.
     """
     check_packed(v, "v")
-    check_probs(p, v)
+    group = check_probs(p, v)
     if not use_triton(p.device):
         return pv_reference(p, v)
+    if _common.GLUON and _gluon is not None and _gluon.supported(v, group, p.device):
+        return _gluon.pv_gluon(p, v, splits)
     return pv_triton(p, v, splits)

@@ -1,0 +1,220 @@
+"""The V product on an NVIDIA GPU, with the unpacked V built in the tensor cores' registers (Gluon).
+
+Gluon (``triton.experimental.gluon``) states each tensor's register layout, which plain
+Triton chooses by itself. This kernel computes ``out^T [D, 8] = V^T [D, T] . P^T [T, 8]``
+with m16n8k16 MMAs: V^T is the A operand (warps along channels), the weights of the GQA
+group (padded to 8) the B operand.
+
+**Why V fits the fragments.** In an A fragment lane ``l`` holds channels ``l // 4`` (and
++8) and tokens ``2 q + {0, 1}`` (and +8), ``q = l % 4``: the 4 lanes of a quad share a
+channel and each holds 8 tokens of a 32-token word. Tokens may be permuted freely (the
+weights follow), so lane q takes nibble lane q of every plane word (``(x >> q) &
+0x11111111``: tokens ``4 i + q``), and fragment slot ``k = 32 w + 16 r2 + 8 r1 + 2 q + r0``
+holds token ``32 w + 8 r0 + 16 r1 + 4 r2 + q``. Splitting the nibbles into even and odd
+bytes and the ``prmt``/``sub.f16x2`` conversion of planes.py then give, register by register,
+the fp16 pairs ``(r0 = 0, 1)`` the fragment wants; ``convert_layout(..., assert_trivial=True)``
+proves at compile time that no value moves between lanes. The quad's 4 lanes load the same
+plane words (one transaction). Only the widths' prefix sum and the weights go through
+shared memory (1 KB a tile).
+
+Measured on an H100 (docs/notes/kernels.md, "Gluon"): 1.6-2.0x the Triton kernel of pv.py.
+It serves the default format only: token grouping, packs of 32, 4-bit minima and V widths of
+at most 4 bits (:func:`supported`); pv.py's Triton kernel serves the rest and the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from ..codec.format import PackedTensor
+from . import _common
+from .planes import packed_args
+
+# (32-token words a program unpacks per step, register cap) by head_dim; measured on an
+# H100 (docs/notes/kernels.md, "Gluon"). At the cap of 128 a multiprocessor holds 4
+# programs at head_dim 128 (8 at 64); uncapped, the per-row rescaling of the weights takes
+# the kernel to ~165 registers.
+SETTINGS = {64: (4, 128), 128: (4, 128)}
+MAX_PLANES = 4  # widths the nibble lanes hold
+
+
+def supported(v: PackedTensor, group: int, device: torch.device) -> bool:
+    """Whether this kernel serves ``v`` for GQA groups of ``group`` on ``device``: compiled
+    CUDA, the format it unpacks, and at most 8 query heads a KV head (the B operand's width)."""
+    return (_common.use_asm(device) and v.grouping == "token" and v.pack_size == 32 and v.min_bits == 4
+            and v.width_bound <= MAX_PLANES and v.head_dim in _common.KERNEL_HEAD_DIMS and group <= 8)
+
+
+@functools.lru_cache(maxsize=None)
+def layouts(head_dim: int, tile_words: int) -> tuple:
+    """Register layouts for ``head_dim / 32`` warps: the MMA accumulator out^T [D, 8] (warps
+    along channels); the word-lane layout [TW, 4, D] that holds, per (word, quad lane q,
+    channel), what the A fragments of V^T [D, TW * 32] hold before the nibbles are spread;
+    the widths' layout [TW, D] (4 channels a thread, a warp a word); the weights' [TW * 32, 8]
+    (a token a thread)."""
+    warps = head_dim // 32
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+    regs = [[0, 0, 8]] + [[1 << i, 0, 0] for i in range(tile_words.bit_length() - 1)]
+    n = 16 * warps
+    while n < head_dim:
+        regs.append([0, 0, n])
+        n *= 2
+    word_lanes = gl.DistributedLinearLayout(
+        reg_bases=regs, lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+        warp_bases=[[0, 0, 16 << i] for i in range(warps.bit_length() - 1)], block_bases=[],
+        shape=[tile_words, 4, head_dim])
+    meta = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[warps, 1], order=[1, 0])
+    weights = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32, 1], warps_per_cta=[warps, 1], order=[1, 0])
+    return mma, word_lanes, meta, weights
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _bytes_f16(a, sub):
+    """The four bytes of ``a`` minus ``sub`` (fp16x2 ``1024 - m``): ``m + byte`` as fp16, byte 0 first."""
+    return gl.inline_asm_elementwise(
+        "{.reg .b32 c, t0, t1;\n"
+        "mov.b32 c, 0x64646464;\n"
+        "prmt.b32 t0, $4, c, 0x4140;\n"
+        "prmt.b32 t1, $4, c, 0x4342;\n"
+        "sub.f16x2 t0, t0, $5;\n"
+        "sub.f16x2 t1, t1, $5;\n"
+        "mov.b32 {$0, $1}, t0;\n"
+        "mov.b32 {$2, $3}, t1;}",
+        "=h,=h,=h,=h,r,r", [a, sub], dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, A: gl.constexpr,
+               NT: gl.constexpr, D: gl.constexpr, NPLANES: gl.constexpr):
+    """V^T [D, NT] of one tile as A fragments, from its width/minimum bytes ``wb, mb`` [TW, D]
+    and its packs' first words ``fw`` [TW] (packs of 32: a word is a pack)."""
+    shift = ((mc % 2) * 4)[None, :]
+    w = (wb.to(gl.int32) >> shift) & 15
+    m = (mb.to(gl.int32) >> shift) & 15
+    base = fw[:, None] + gl.associative_scan(w, 1, _add) - w  # plane 0 of each channel
+    WQ2: gl.constexpr = gl.SliceLayout(1, WQ)
+    base3 = gl.expand_dims(gl.convert_layout(base, WQ2), 1)
+    w3 = gl.expand_dims(gl.convert_layout(w, WQ2), 1)
+    m3 = gl.expand_dims(gl.convert_layout(m, WQ2), 1)
+    ptr = words_ptr + base3.to(gl.int64) * s_word
+    n = gl.zeros([wb.shape[0], 4, D], gl.int32, WQ)
+    for pl in gl.static_range(NPLANES):
+        x = gl.load(ptr + pl * s_word, mask=w3 > pl, other=0)
+        n = n | (((x >> q3) & 0x11111111) << pl)
+    hbits = (1024 - m3).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    sub = hbits | (hbits << 16)
+    # even nibbles (tokens 8 k + q) and odd ones (8 k + 4 + q) as bytes
+    e0, e1, e2, e3 = _bytes_f16(n & 0x0F0F0F0F, sub)
+    o0, o1, o2, o3 = _bytes_f16((n >> 4) & 0x0F0F0F0F, sub)
+    # dims [TW, 4, D, r2, r1, r0] (r0, the outermost join, the fastest register), then [D, NT]
+    t = gl.join(gl.join(gl.join(e0, o0), gl.join(e2, o2)), gl.join(gl.join(e1, o1), gl.join(e3, o3)))
+    t = gl.reshape(gl.permute(t, (2, 0, 3, 4, 1, 5)), [D, NT])
+    return gl.convert_layout(t, A, assert_trivial=True)
+
+
+# Batch/head strides and counts change as a cache grows (see pv.py).
+@gluon.jit(do_not_specialize=['s_ob', 's_oh', 's_wb', 's_wh', 's_mb', 's_mh', 's_sb', 's_sh', 's_zb', 's_zh', 's_pb', 's_ph', 's_partb', 's_parth', 'heads', 'n_words', 'tiles_per_split'])
+def _pv_gluon_kernel(
+    p_ptr, part_ptr,
+    words_ptr, offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr,
+    s_word, s_ob, s_oh, s_op, s_wb, s_wh, s_wp, s_wc, s_mb, s_mh, s_mp, s_mc,
+    s_sb, s_sh, s_sn, s_sx, s_zb, s_zh, s_zn, s_zx,
+    s_pb, s_ph, s_pt, s_partb, s_parth, s_parts,
+    heads, n_words, tiles_per_split,
+    GROUP: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, TW: gl.constexpr, NPLANES: gl.constexpr,
+    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, WB: gl.constexpr,
+):
+    """Grid (batch * kv_heads, splits); a program writes its split's partial sum ``[GROUP, D]``
+    (pv.py's ``_pv_kernel`` contract)."""
+    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    NT: gl.constexpr = TW * 32
+    pid_bh = gl.program_id(0)
+    split = gl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
+    offsets_bh = offsets_ptr + b * s_ob + h * s_oh
+    widths_bh = widths_ptr + b * s_wb + h * s_wh
+    mins_bh = mins_ptr + b * s_mb + h * s_mh
+    scale_bh = scale_ptr + b * s_sb + h * s_sh
+    zero_bh = zero_ptr + b * s_zb + h * s_zh
+    first = split * tiles_per_split
+    last = gl.minimum(first + tiles_per_split, gl.cdiv(n_words, TW))
+    word_end = gl.minimum(last * TW, n_words)
+
+    mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
+    mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
+    q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
+    # the token of each fragment slot k (module docstring)
+    k = gl.arange(0, NT, layout=gl.SliceLayout(1, WB))
+    kk = k % 32
+    token = (k // 32) * 32 + 8 * (kk & 1) + 16 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1) + ((kk >> 1) & 3)
+    rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WB))
+    p_rows = p_ptr + b * s_pb + (h * GROUP + rows) * s_ph
+    row_on = rows < GROUP
+    z_acc = gl.zeros([NT, 8], gl.float32, WB)  # sum of p * zero, reduced once at the end
+    acc = gl.zeros([D, 8], gl.float32, MMA)
+    for tile in range(first, last):
+        words = tile * TW + mw
+        valid = words < word_end
+        wb = gl.load(widths_bh + words[:, None] * s_wp + (mc // 2)[None, :] * s_wc, mask=valid[:, None], other=0)
+        mb = gl.load(mins_bh + words[:, None] * s_mp + (mc // 2)[None, :] * s_mc, mask=valid[:, None], other=0)
+        fw = gl.load(offsets_bh + words * s_op, mask=valid, other=0)
+        tok = tile * NT + token
+        on = tok < word_end * 32
+        sc = gl.load(scale_bh + (tok // BLOCK) * s_sn + (tok % BLOCK) * s_sx, mask=on, other=0.0).to(gl.float32)
+        ze = gl.load(zero_bh + (tok // BLOCK) * s_zn + (tok % BLOCK) * s_zx, mask=on, other=0.0).to(gl.float32)
+        p = gl.load(p_rows[None, :] + tok[:, None] * s_pt, mask=row_on[None, :] & on[:, None], other=0.0).to(gl.float32)
+        vt = _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, A, NT, D, NPLANES)
+        # V[t, c] = zero_t + scale_t (m_c + u_tc): the weights p * scale go to the tensor
+        # cores in fp16 after dividing each row by a power of two (pv.py's contract).
+        z_acc += p * ze[:, None]
+        weights = p * sc[:, None]
+        amax = gl.max(gl.abs(weights), axis=0)
+        pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
+        bw = gl.convert_layout((weights * (1.0 / pw)[None, :]).to(gl.float16), B)
+        out = mma_v2(vt, bw, gl.zeros([D, 8], gl.float32, MMA))
+        acc += out * gl.convert_layout(pw, gl.SliceLayout(0, MMA))[None, :]
+    acc += gl.convert_layout(gl.sum(z_acc, axis=0), gl.SliceLayout(0, MMA))[None, :]
+    chan = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
+    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
+    out_ptrs = part_ptr + b * s_partb + (h * GROUP + cols[None, :]) * s_parth + split * s_parts + chan[:, None]
+    gl.store(out_ptrs, acc, mask=(cols < GROUP)[None, :])
+
+
+def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> torch.Tensor:
+    """:func:`pv.pv` with this kernel (inputs validated, :func:`supported` true; GQA group <= 8).
+
+    Returns fp32 ``[batch, q_heads, head_dim]``.
+    """
+    batch, q_heads, _ = p.shape
+    group = q_heads // v.heads
+    n_words = v.n_tokens // 32
+    d = v.head_dim
+    if n_words == 0:
+        return torch.zeros(batch, q_heads, d, dtype=torch.float32, device=p.device)
+    tile_words, cap = SETTINGS[d]
+    mma, word_lanes, meta, weights = layouts(d, tile_words)
+    planes = max(1, v.width_bound)
+    key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap)
+    # One wave: the programs a multiprocessor holds, counted on the compiled kernel.
+    per_sm = _common.PROGRAMS_PER_SM or _common._RESIDENT.get(key, 8 if d == 64 else 4)
+    per_split, n_split = _common.tile_splits(batch * v.heads, n_words, tile_words, p.device, splits, per_sm)
+    partial = torch.empty(batch, q_heads, n_split, d, dtype=torch.float32, device=p.device)
+    compiled = _pv_gluon_kernel[(batch * v.heads, n_split)](
+        p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3], v.heads, n_words, per_split,
+        GROUP=group, D=d, BLOCK=v.block_size, TW=tile_words, NPLANES=planes,
+        MMA=mma, WQ=word_lanes, META=meta, WB=weights, num_warps=d // 32, **({"maxnreg": cap} if cap else {}),
+    )
+    _common.count_resident(key, compiled, p.device)
+    return partial.sum(dim=2)

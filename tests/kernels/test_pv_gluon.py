@@ -1,0 +1,125 @@
+"""The Gluon V product (pv_gluon.py): which inputs it serves, that it compiles for sm_90 on
+the installed Triton (on any machine: the layouts' conversions are checked at compile
+time), and, on a GPU (PACKKV_TEST_DEVICE=cuda), that it matches pv_reference."""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from kernel_cases import DEVICE, V_PRODUCT_RTOL, assert_product_close, kv_data, Case
+
+from packkv import PackKVConfig, compress_kv
+from packkv.kernels import _common, pv, pv_reference
+
+pv_module = importlib.import_module("packkv.kernels.pv")
+gluon_kernel = pv_module._gluon
+needs_gluon = pytest.mark.skipif(gluon_kernel is None, reason="this Triton has no usable Gluon")
+on_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs PACKKV_TEST_DEVICE=cuda")
+
+
+def packed_v(config: PackKVConfig = PackKVConfig(), batch=1, heads=2, head_dim=64, tokens=200, seed=0):
+    k, v = kv_data(Case(batch=batch, kv_heads=heads, head_dim=head_dim, tokens=tokens, config=config), seed)
+    return compress_kv(k, v, config).v
+
+
+@needs_gluon
+def test_serves_only_the_default_format():
+    cuda = torch.device("cuda")
+    v = packed_v()
+    assert v.width_bound <= gluon_kernel.MAX_PLANES
+    if _common.use_asm(cuda):
+        assert gluon_kernel.supported(v, 4, cuda)
+    assert not gluon_kernel.supported(v, 4, torch.device("cpu"))
+    assert not gluon_kernel.supported(v, 9, cuda)  # a GQA group wider than the B operand
+    for other in (dict(v_grouping="channel"), dict(pack_size=64), dict(min_bits=8), dict(v_rel=0.05)):
+        assert not gluon_kernel.supported(packed_v(PackKVConfig(**other)), 4, cuda), other
+
+
+# Compiled in a fresh interpreter: the tests run under TRITON_INTERPRET=1, which turns
+# Triton's library functions (gl.max, gl.sum) into interpreter objects Gluon cannot compile.
+COMPILE_SM90 = """
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from packkv.kernels import pv_gluon as g
+
+head_dim = int(sys.argv[1])
+tile_words, cap = g.SETTINGS[head_dim]
+fn = g._pv_gluon_kernel
+mma, word_lanes, meta, weights = g.layouts(head_dim, tile_words)
+consts = dict(GROUP=4, D=head_dim, BLOCK=64, TW=tile_words, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
+pointers = {"p_ptr": "*fp16", "part_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
+            "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
+signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
+k = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": head_dim // 32, **({"maxnreg": cap} if cap else {})})
+with tempfile.TemporaryDirectory() as tmp:
+    cubin = os.path.join(tmp, "k.cubin")
+    with open(cubin, "wb") as f:
+        f.write(k.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\\d+)", subprocess.run([tool, "-res-usage", cubin], capture_output=True,
+                                                                       text=True).stdout))
+print("mma.sync" in k.asm["ptx"], usage["REG"], cap or 255)
+"""
+
+
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_compiles_for_sm90(head_dim):
+    """Offline compilation for an H100 with this Triton (its own ptxas): fails if a layout
+    conversion the kernel asserts trivial would move data, or if this Gluon rejects the
+    kernel. Tensor-core MMAs within the register cap of SETTINGS."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", COMPILE_SM90, str(head_dim)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    has_mma, regs, cap = run.stdout.split()[-3:]
+    assert has_mma == "True" and int(regs) <= int(cap), run.stdout
+
+
+@on_gpu
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("batch,heads,group,tokens", [(1, 1, 1, 32), (1, 2, 4, 200), (2, 3, 3, 1000), (1, 8, 8, 4130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference_on_gpu(head_dim, batch, heads, group, tokens, dtype):
+    v = packed_v(batch=batch, heads=heads, head_dim=head_dim, tokens=tokens, seed=tokens).to(DEVICE)
+    assert gluon_kernel.supported(v, group, DEVICE)
+    g = torch.Generator().manual_seed(tokens)
+    p = torch.softmax(torch.randn(batch, heads * group, v.n_tokens, generator=g) * 3, -1).to(DEVICE, dtype)
+    for splits in (None, 1, 3):
+        assert_product_close(gluon_kernel.pv_gluon(p, v, splits), pv_reference(p, v), V_PRODUCT_RTOL)
+    assert_product_close(pv(p, v), pv_reference(p, v), V_PRODUCT_RTOL)  # pv() dispatches here
+
+
+@on_gpu
+@needs_gluon
+@pytest.mark.parametrize("scale", [1e-6, 1e4])
+def test_rescales_weights_of_any_size(scale):
+    """Weights far from 1 (not softmax): the per-row power of two keeps them in fp16's range."""
+    v = packed_v(head_dim=128, tokens=300).to(DEVICE)
+    g = torch.Generator().manual_seed(5)
+    p = (torch.rand(1, 8, v.n_tokens, generator=g) * scale).to(DEVICE)
+    assert_product_close(gluon_kernel.pv_gluon(p, v), pv_reference(p, v), V_PRODUCT_RTOL)
+
+
+@on_gpu
+@needs_gluon
+def test_real_kv_matches_reference():
+    case = Case(kv_heads=3, group=3, tokens=160, real=True, config=PackKVConfig())
+    k, v = kv_data(case, 0)
+    packed = compress_kv(k, v, case.config).v.to(DEVICE)
+    assert gluon_kernel.supported(packed, 3, DEVICE)
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(1, 9, packed.n_tokens, generator=g) * 3, -1).to(DEVICE)
+    assert_product_close(gluon_kernel.pv_gluon(p, packed), pv_reference(p, packed), V_PRODUCT_RTOL)
