@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_attention import (  # noqa: E402
     L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, rel_err, time_graph,
 )

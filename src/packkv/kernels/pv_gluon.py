@@ -179,11 +179,11 @@ def _pv_gluon_kernel(
         # V[t, c] = zero_t + scale_t (m_c + u_tc): the weights p * scale go to the tensor
         # cores in fp16 after dividing each row by a power of two (pv.py's contract).
         z_acc += p * ze[:, None]
-        weights = p * sc[:, None]
+        # In the B fragments every warp holds the whole tile: the row maxima need no barrier.
+        weights = gl.convert_layout(p * sc[:, None], B)
         amax = gl.max(gl.abs(weights), axis=0)
         pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
-        bw = gl.convert_layout((weights * (1.0 / pw)[None, :]).to(gl.float16), B)
-        out = mma_v2(vt, bw, gl.zeros([D, 8], gl.float32, MMA))
+        out = mma_v2(vt, (weights * (1.0 / pw)[None, :]).to(gl.float16), gl.zeros([D, 8], gl.float32, MMA))
         acc += out * gl.convert_layout(pw, gl.SliceLayout(0, MMA))[None, :]
     acc += gl.convert_layout(gl.sum(z_acc, axis=0), gl.SliceLayout(0, MMA))[None, :]
     chan = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
