@@ -17,7 +17,7 @@ proves at compile time that no value moves between lanes. The quad's 4 lanes loa
 plane words (one transaction). Only the widths' prefix sum and the weights go through
 shared memory (1 KB a tile).
 
-Measured on an H100 (docs/notes/kernels.md, "Gluon"): 1.6-2.0x the Triton kernel of pv.py.
+Measured on an H100 (docs/notes/kernels.md, "Gluon"): 1.3-1.6x faster than the Triton kernel of pv.py.
 It serves the default format only: token grouping, packs of 32, 4-bit minima and V widths of
 at most 4 bits (:func:`supported`); pv.py's Triton kernel serves the rest and the CPU.
 """
