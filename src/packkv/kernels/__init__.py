@@ -1,4 +1,5 @@
-"""Fused decode kernels over the packed format (Triton; on CUDA the V product in Gluon) and their plain PyTorch references."""
+"""Fused decode kernels over the packed format (Triton; on CUDA the V product in Gluon) and
+their plain PyTorch references."""
 
 from .decode_attention import decode_attention
 from .pv import pv
