@@ -55,8 +55,7 @@ head_dim = int(sys.argv[1])
 tile_words, cap = g.SETTINGS[head_dim]
 fn = g._pv_gluon_kernel
 mma, word_lanes, meta, weights = g.layouts(head_dim, tile_words)
-consts = dict(GROUP=4, D=head_dim, BLOCK=64, TW=tile_words, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights,
-              SPLIT_SCALE=g.SPLIT_SCALE)
+consts = dict(GROUP=4, D=head_dim, BLOCK=64, TW=tile_words, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
 pointers = {"p_ptr": "*fp16", "part_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
             "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
 signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}

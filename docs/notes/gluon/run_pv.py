@@ -1,6 +1,5 @@
 """The Gluon V product (packkv/kernels/pv_gluon.py) against the Triton kernel of pv.py, and
-its settings: tile words x register cap x the weights' power of two per split or per tile,
-on bench_attention.py's real-KV caches, T = 32K.
+its settings: tile words x register cap, on bench_attention.py's real-KV caches, T = 32K.
 GPU only (Gluon has no interpreter).
 
     PYTHONPATH=src python3 docs/notes/gluon/run_pv.py [--json out.json]
@@ -46,15 +45,14 @@ def main() -> None:
             row = dict(model=shape.name, batch=batch, tokens=32768,
                        triton_us=time_graph(lambda: [pv(p, s.v) for s in sets], args.reps) * 1e6 / len(sets))
             _common.GLUON = True
-            for split_scale in (True, False):
-                pv_gluon.SPLIT_SCALE = split_scale
-                for tw, cap in ((4, 128), (4, None), (2, None)):
+            for tw in (2, 4):
+                for cap in (None, 128):
                     pv_gluon.SETTINGS[shape.head_dim] = (tw, cap)
-                    name = f"gluon_{'split' if split_scale else 'tile'}_tw{tw}_cap{cap}"
-                    row[name + "_err"] = rel_err(pv(p, kv.v), pv_reference(p, kv.v))
-                    row[name + "_us"] = time_graph(lambda: [pv(p, s.v) for s in sets], args.reps) * 1e6 / len(sets)
+                    err = rel_err(pv(p, kv.v), pv_reference(p, kv.v))
+                    us = time_graph(lambda: [pv(p, s.v) for s in sets], args.reps) * 1e6 / len(sets)
+                    row[f"gluon_tw{tw}_cap{cap}_us"] = us
+                    row[f"gluon_tw{tw}_cap{cap}_err"] = err
             pv_gluon.SETTINGS.update(defaults)
-            pv_gluon.SPLIT_SCALE = True
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     if args.json:

@@ -41,7 +41,6 @@ from .planes import packed_args
 # the kernel to ~165 registers.
 SETTINGS = {64: (4, 128), 128: (4, 128)}
 MAX_PLANES = 4  # widths the nibble lanes hold
-SPLIT_SCALE = True  # the weights' per-row power of two per split, not per tile (see the kernel)
 
 
 def supported(v: PackedTensor, group: int, device: torch.device) -> bool:
@@ -133,11 +132,10 @@ def _pv_gluon_kernel(
     s_pb, s_ph, s_pt, s_partb, s_parth, s_parts,
     heads, n_words, tiles_per_split,
     GROUP: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, TW: gl.constexpr, NPLANES: gl.constexpr,
-    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, WB: gl.constexpr, SPLIT_SCALE: gl.constexpr,
+    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, WB: gl.constexpr,
 ):
     """Grid (batch * kv_heads, splits); a program writes its split's partial sum ``[GROUP, D]``
-    (pv.py's ``_pv_kernel`` contract). ``SPLIT_SCALE``: the rows' powers of two per split
-    (a first pass over the weights) rather than per tile."""
+    (pv.py's ``_pv_kernel`` contract)."""
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     NT: gl.constexpr = TW * 32
@@ -166,19 +164,6 @@ def _pv_gluon_kernel(
     row_on = rows < GROUP
     z_acc = gl.zeros([NT, 8], gl.float32, WB)  # sum of p * zero, reduced once at the end
     acc = gl.zeros([D, 8], gl.float32, MMA)
-    if SPLIT_SCALE:
-        # One power of two a row for the whole split, from a first pass over its weights:
-        # the main loop then needs no reduction and moves fp16 weights to the B fragments.
-        big = gl.zeros([NT, 8], gl.float32, WB)
-        for tile in range(first, last):
-            tok = tile * NT + token
-            on = tok < word_end * 32
-            sc = gl.load(scale_bh + (tok // BLOCK) * s_sn + (tok % BLOCK) * s_sx, mask=on, other=0.0).to(gl.float32)
-            p = gl.load(p_rows[None, :] + tok[:, None] * s_pt, mask=row_on[None, :] & on[:, None], other=0.0)
-            big = gl.maximum(big, gl.abs(p.to(gl.float32) * sc[:, None]))
-        amax = gl.max(big, axis=0)
-        split_pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
-        inv_pw = (1.0 / split_pw)[None, :]
     for tile in range(first, last):
         words = tile * TW + mw
         valid = words < word_end
@@ -194,17 +179,12 @@ def _pv_gluon_kernel(
         # V[t, c] = zero_t + scale_t (m_c + u_tc): the weights p * scale go to the tensor
         # cores in fp16 after dividing each row by a power of two (pv.py's contract).
         z_acc += p * ze[:, None]
-        if SPLIT_SCALE:
-            acc = mma_v2(vt, gl.convert_layout((p * sc[:, None] * inv_pw).to(gl.float16), B), acc)
-        else:
-            # In the B fragments every warp holds the whole tile: the row maxima need no barrier.
-            weights = gl.convert_layout(p * sc[:, None], B)
-            amax = gl.max(gl.abs(weights), axis=0)
-            pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
-            out = mma_v2(vt, (weights * (1.0 / pw)[None, :]).to(gl.float16), gl.zeros([D, 8], gl.float32, MMA))
-            acc += out * gl.convert_layout(pw, gl.SliceLayout(0, MMA))[None, :]
-    if SPLIT_SCALE:
-        acc = acc * gl.convert_layout(split_pw, gl.SliceLayout(0, MMA))[None, :]
+        # In the B fragments every warp holds the whole tile: the row maxima need no barrier.
+        weights = gl.convert_layout(p * sc[:, None], B)
+        amax = gl.max(gl.abs(weights), axis=0)
+        pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
+        out = mma_v2(vt, (weights * (1.0 / pw)[None, :]).to(gl.float16), gl.zeros([D, 8], gl.float32, MMA))
+        acc += out * gl.convert_layout(pw, gl.SliceLayout(0, MMA))[None, :]
     acc += gl.convert_layout(gl.sum(z_acc, axis=0), gl.SliceLayout(0, MMA))[None, :]
     chan = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
@@ -226,7 +206,7 @@ def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> tor
     tile_words, cap = SETTINGS[d]
     mma, word_lanes, meta, weights = layouts(d, tile_words)
     planes = max(1, v.width_bound)
-    key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap, SPLIT_SCALE)
+    key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap)
     # One wave: the programs a multiprocessor holds, counted on the compiled kernel.
     per_sm = _common.PROGRAMS_PER_SM or _common._RESIDENT.get(key, 8 if d == 64 else 4)
     per_split, n_split = _common.tile_splits(batch * v.heads, n_words, tile_words, p.device, splits, per_sm)
@@ -234,8 +214,7 @@ def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> tor
     compiled = _pv_gluon_kernel[(batch * v.heads, n_split)](
         p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3], v.heads, n_words, per_split,
         GROUP=group, D=d, BLOCK=v.block_size, TW=tile_words, NPLANES=planes,
-        MMA=mma, WQ=word_lanes, META=meta, WB=weights, SPLIT_SCALE=SPLIT_SCALE, num_warps=d // 32,
-        **({"maxnreg": cap} if cap else {}),
+        MMA=mma, WQ=word_lanes, META=meta, WB=weights, num_warps=d // 32, **({"maxnreg": cap} if cap else {}),
     )
     _common.count_resident(key, compiled, p.device)
     return partial.sum(dim=2)
