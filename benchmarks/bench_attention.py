@@ -179,8 +179,10 @@ def check_correctness(chunk_kv: dict, log: list) -> None:
                 raise SystemExit(f"kernel disagrees with the reference: {line}")
 
 
-def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy_bw: float, reps: int) -> list[dict]:
-    """Rows for one (model, batch, tokens): K product, V product, fused attention, vs baselines."""
+def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy_bw: float, reps: int,
+               unfused: bool = False) -> list[dict]:
+    """Rows for one (model, batch, tokens): K product, V product, fused attention (and with
+    ``unfused`` the attention as three kernels), vs baselines."""
     group = shape.q_heads // shape.kv_heads
     kv = build_cache(chunk, batch, tokens)
     n_total = kv.n_tokens
@@ -196,11 +198,23 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
         p = torch.softmax(torch.randn(batch, shape.q_heads, tokens, device="cuda"), -1).half()
         kd, vd = (k_dense, v_dense) if i == 0 else (k_dense.clone(), v_dense.clone())
         sets.append((c, q, p, kd, vd))
+    scale = 1 / math.sqrt(shape.head_dim)
+
+    def three_kernels(c, q):
+        """Attention as the K product, a softmax over packed + tail scores, the V product
+        (and the tail's few tokens in PyTorch): unfused, to compare with the fused kernel."""
+        tail_k = c.k_tail.repeat_interleave(group, 1)
+        tail_v = c.v_tail.repeat_interleave(group, 1)
+        scores = torch.cat([qk(q, c.k), torch.einsum("bhd,bhtd->bht", q.float(), tail_k.float())], -1) * scale
+        probs = torch.softmax(scores, -1)
+        n = c.k.n_tokens
+        return pv(probs[..., :n].half(), c.v) + torch.einsum("bht,bhtd->bhd", probs[..., n:], tail_v.float())
+
     if tokens <= 4096:  # the references materialize fp32 copies: check at the small size only
         c, q, p, _, _ = sets[0]
         assert rel_err(decode_attention(q, c), decode_attention_reference(q, c)) < 1e-2
+        assert rel_err(three_kernels(c, q).to(q.dtype), decode_attention_reference(q, c)) < 1e-2
         assert rel_err(qk(q, c.k), qk_reference(q, c.k)) < 1e-5
-    scale = 1 / math.sqrt(shape.head_dim)
 
     def k_base(s):
         c, q, p, kd, vd = s
@@ -219,6 +233,9 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
         ("V product", lambda s: pv(s[2], s[0].v), v_base, kv.v.nbytes, dense_bytes // 2 * tokens // n_total, 2 * batch * shape.q_heads * tokens),
         ("attention", lambda s: decode_attention(s[1], s[0]), attn_base, kv.nbytes, dense_bytes, 2 * batch * shape.q_heads * shape.head_dim),
     ]
+    if unfused:  # the scores' fp32 round trip is not counted in the bytes read
+        ops.append(("attn, 3 kernels", lambda s: three_kernels(s[0], s[1]), attn_base, kv.nbytes, dense_bytes,
+                    2 * batch * shape.q_heads * shape.head_dim))
     rows = []
     for op, packed_fn, base_fn, packed_bytes, fp16_bytes, side_bytes in ops:
         t_packed = time_graph(lambda: [packed_fn(s) for s in sets], reps) / n_sets
@@ -228,7 +245,7 @@ def bench_case(shape: ModelShape, chunk: PackedKV, batch: int, tokens: int, copy
                 model=shape.name, batch=batch, tokens=n_total, op=op, impl=impl, time_us=t * 1e6,
                 fp16_equiv_GBps=(fp16_bytes + side_bytes) / t / 1e9, bytes_read_MB=read / 1e6,
                 frac_copy_bw=read / t / copy_bw, speedup_vs_fp16=t_base / t, compression=fp16_bytes / packed_bytes,
-                baseline={"K product": "torch.matmul", "V product": "torch.matmul", "attention": "SDPA enable_gqa"}[op],
+                baseline="torch.matmul" if op.endswith("product") else "SDPA enable_gqa",
                 input_sets=n_sets,
             ))
     return rows
@@ -309,6 +326,8 @@ def main() -> None:
     parser.add_argument("--combine-kernel", action="store_true",
                         help="merge the attention's splits in a second kernel (the version before 2026-11-24's "
                              "last change), not in the decode kernel's last program")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time the attention as three kernels (K product, softmax, V product)")
     parser.add_argument("--no-gluon", action="store_true",
                         help="the V product with pv.py's Triton kernel, not the Gluon one (pv_gluon.py)")
     args = parser.parse_args()
@@ -358,7 +377,7 @@ def main() -> None:
                 if need > 0.8 * free:
                     print(f"skip {shape.name} batch {batch} T {tokens}: needs ~{need / 2**30:.0f} GiB, {free / 2**30:.0f} free")
                     continue
-                new = bench_case(shape, chunk, batch, tokens, copy_bw, reps)
+                new = bench_case(shape, chunk, batch, tokens, copy_bw, reps, args.unfused)
                 rows += new
                 for r in new:
                     print(f"  {r['model']:13s} b{r['batch']} T{r['tokens']:7d} {r['op']:9s} {r['impl']:6s} "
