@@ -1,0 +1,112 @@
+"""Prototype check and timing: the Gluon decode attention (attn_gluon.py) over the packed
+blocks, against decode_attention_reference (packed blocks only) and the Triton
+decode_attention and SDPA (both with the 32-token fp16 tail), T = 32K. GPU only.
+
+    PYTHONPATH=src python3 docs/notes/gluon/run_attn.py [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
+from attn_gluon import _attn_gluon  # noqa: E402
+from bench_attention import (  # noqa: E402
+    L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, rel_err, time_graph,
+)
+import triton.experimental.gluon.language as gl  # noqa: E402
+
+from packkv import PackKVConfig, compress_kv  # noqa: E402
+from packkv.codec import decode_tensor  # noqa: E402
+from packkv.kernels import _common, decode_attention, decode_attention_reference, pv_gluon  # noqa: E402
+from packkv.kernels.planes import packed_args  # noqa: E402
+
+
+def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True):
+    batch, q_heads, d = q.shape
+    heads = kv.k.heads
+    group = q_heads // heads
+    n_words = kv.k.n_tokens // 32
+    mma, wq, meta, _ = pv_gluon.layouts(d, tw)
+    sh = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+    key = (d, tw)
+    per_split, n_split = _common.tile_splits(batch * heads, n_words, tw, q.device, None, resident.get(key, 2))
+    m = torch.empty(batch * heads, n_split, 8, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(batch * heads, n_split, d, 8, device=q.device)
+    compiled = _attn_gluon[(batch * heads, n_split)](
+        q, m, l, acc, *packed_args(kv.k), *packed_args(kv.v), *q.stride(), d ** -0.5 * math.log2(math.e),
+        heads, n_words, per_split, n_split,
+        GROUP=group, D=d, BLOCK=kv.k.block_size, TW=tw, K_PLANES=max(1, kv.k.width_bound),
+        V_PLANES=max(1, kv.v.width_bound), MMA=mma, WQ=wq, META=meta, SH=sh, num_warps=d // 32)
+    if key not in resident:
+        resident[key] = _common.resident_programs(compiled, torch.cuda.get_device_properties(q.device))
+        print(f"  compiled d{d} tw{tw}: {compiled.n_regs} registers, {resident[key]} programs an SM", flush=True)
+    if not merge:
+        return None
+    top = m.amax(1, keepdim=True)
+    w = torch.exp2(m - top)  # [bh, splits, 8]
+    out = (acc * w[:, :, None, :]).sum(1) / (l * w).sum(1)[:, None, :]  # [bh, d, 8]
+    return out[:, :, :group].permute(0, 2, 1).reshape(batch, q_heads, d).to(q.dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=".kvdata/smollm2_kv.pt")
+    parser.add_argument("--json")
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    data = torch.load(args.data)
+    rows, resident = [], {}
+    for shape in SHAPES:
+        k, v = (t.cuda() for t in real_chunk(data, shape))
+        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2),
+                            PackKVConfig())
+        no_tail = lambda kv: replace(kv, k_tail=kv.k_tail[:, :, :0], v_tail=kv.v_tail[:, :, :0])
+        torch.manual_seed(0)
+        q = torch.randn(1, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+        for tw in (2, 4):
+            err = rel_err(attn_gluon(q, chunk, tw, resident), decode_attention_reference(q, no_tail(chunk)))
+            print(f"check {shape.name} tw{tw}: rel err {err:.1e}", flush=True)
+            if not err < 1e-2:
+                raise SystemExit("gluon attention disagrees with the reference")
+        for batch in (1, 8):
+            kv = build_cache(chunk, batch, 32768)
+            sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+            q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+            row = dict(model=shape.name, batch=batch, tokens=32768,
+                       triton_us=time_graph(lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets))
+            copies = 32768 // chunk.k.n_tokens
+            kd = torch.cat([decode_tensor(chunk.k).half().repeat(batch, 1, copies, 1), kv.k_tail], 2)
+            vd = torch.cat([decode_tensor(chunk.v).half().repeat(batch, 1, copies, 1), kv.v_tail], 2)
+            dense = [(kd, vd)] + [(kd.clone(), vd.clone()) for _ in range(len(sets) - 1)]
+            row["sdpa_us"] = time_graph(lambda: [F.scaled_dot_product_attention(
+                q.unsqueeze(2), a, b_, scale=shape.head_dim ** -0.5, enable_gqa=True) for a, b_ in dense],
+                args.reps) * 1e6 / len(sets)
+            del dense, kd, vd
+            for tw in (2, 4):
+                row[f"gluon_tw{tw}_rel_err"] = rel_err(attn_gluon(q, kv, tw, resident),
+                                                        decode_attention_reference(q, no_tail(kv))) if batch == 1 else None
+                row[f"gluon_tw{tw}_kernel_us"] = time_graph(
+                    lambda: [attn_gluon(q, s, tw, resident, merge=False) for s in sets], args.reps) * 1e6 / len(sets)
+                row[f"gluon_tw{tw}_merged_us"] = time_graph(
+                    lambda: [attn_gluon(q, s, tw, resident) for s in sets], args.reps) * 1e6 / len(sets)
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
