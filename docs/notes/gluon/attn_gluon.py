@@ -73,8 +73,8 @@ def _attn_gluon(
     K_PLANES: gl.constexpr, V_PLANES: gl.constexpr,
     MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, SH: gl.constexpr,
 ):
-    """Grid (batch * kv_heads, splits). Writes m, l [B, H, splits, 8] and acc [B, H, splits, D, 8]
-    (log2 domain; rows >= GROUP are padding)."""
+    """Grid (batch * kv_heads, splits). Writes each split's running max m (log2 units), sum l
+    and unnormalized output acc, as decode_attention.py's partials."""
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     NT: gl.constexpr = TW * 32
@@ -147,10 +147,13 @@ def _attn_gluon(
             + gl.convert_layout(z, gl.SliceLayout(0, MMA))[None, :]
         m_i = m_new
     l_i = gl.sum(l_acc, axis=0)
+    # Partials in decode_attention's format (its _combine_kernel merges them): query row
+    # r = b * q_heads + h * GROUP + g, index r * n_split + split; acc [.., D].
     rows = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
-    base = (pid_bh * n_split + split) * 8
-    gl.store(m_ptr + base + rows, m_i)
-    gl.store(l_ptr + base + rows, l_i)
+    row_ids = (b * heads * GROUP + h * GROUP + rows) * n_split + split
+    gl.store(m_ptr + row_ids, m_i, mask=rows < GROUP)
+    gl.store(l_ptr + row_ids, l_i, mask=rows < GROUP)
     chan = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
-    gl.store(acc_ptr + (pid_bh * n_split + split) * D * 8 + chan[:, None] * 8 + cols[None, :], acc)
+    col_ids = (b * heads * GROUP + h * GROUP + cols) * n_split + split
+    gl.store(acc_ptr + col_ids[None, :] * D + chan[:, None], acc, mask=(cols < GROUP)[None, :])

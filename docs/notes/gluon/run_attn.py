@@ -1,6 +1,7 @@
 """Prototype check and timing: the Gluon decode attention (attn_gluon.py) over the packed
-blocks, against decode_attention_reference (packed blocks only) and the Triton
-decode_attention and SDPA (both with the 32-token fp16 tail), T = 32K. GPU only.
+blocks, its splits merged by decode_attention.py's _combine_kernel, against
+decode_attention_reference (packed blocks only) and the Triton decode_attention and SDPA
+(both with the 32-token fp16 tail), T = 32K. GPU only.
 
     PYTHONPATH=src python3 docs/notes/gluon/run_attn.py [--json out.json]
 """
@@ -29,6 +30,7 @@ import triton.experimental.gluon.language as gl  # noqa: E402
 from packkv import PackKVConfig, compress_kv  # noqa: E402
 from packkv.codec import decode_tensor  # noqa: E402
 from packkv.kernels import _common, decode_attention, decode_attention_reference, pv_gluon  # noqa: E402
+from packkv.kernels.decode_attention import COMBINE_CHUNK, _combine_kernel  # noqa: E402
 from packkv.kernels.planes import packed_args  # noqa: E402
 
 
@@ -41,9 +43,9 @@ def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True):
     sh = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     key = (d, tw)
     per_split, n_split = _common.tile_splits(batch * heads, n_words, tw, q.device, None, resident.get(key, 2))
-    m = torch.empty(batch * heads, n_split, 8, device=q.device)
+    m = torch.empty(batch * q_heads * n_split, device=q.device)
     l = torch.empty_like(m)
-    acc = torch.empty(batch * heads, n_split, d, 8, device=q.device)
+    acc = torch.empty(batch * q_heads * n_split, d, device=q.device)
     compiled = _attn_gluon[(batch * heads, n_split)](
         q, m, l, acc, *packed_args(kv.k), *packed_args(kv.v), *q.stride(), d ** -0.5 * math.log2(math.e),
         heads, n_words, per_split, n_split,
@@ -54,10 +56,9 @@ def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True):
         print(f"  compiled d{d} tw{tw}: {compiled.n_regs} registers, {resident[key]} programs an SM", flush=True)
     if not merge:
         return None
-    top = m.amax(1, keepdim=True)
-    w = torch.exp2(m - top)  # [bh, splits, 8]
-    out = (acc * w[:, :, None, :]).sum(1) / (l * w).sum(1)[:, None, :]  # [bh, d, 8]
-    return out[:, :, :group].permute(0, 2, 1).reshape(batch, q_heads, d).to(q.dtype)
+    out = torch.empty_like(q)
+    _combine_kernel[(batch * q_heads,)](m, l, acc, out, *out.stride(), q_heads, n_split, CHUNK=COMBINE_CHUNK, D=d)
+    return out
 
 
 def main() -> None:
