@@ -34,14 +34,14 @@ from packkv.kernels.decode_attention import COMBINE_CHUNK, _combine_kernel  # no
 from packkv.kernels.planes import packed_args  # noqa: E402
 
 
-def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True):
+def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True, cap: int | None = None):
     batch, q_heads, d = q.shape
     heads = kv.k.heads
     group = q_heads // heads
     n_words = kv.k.n_tokens // 32
     mma, wq, meta, _ = pv_gluon.layouts(d, tw)
     sh = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    key = (d, tw)
+    key = (d, tw, cap)
     per_split, n_split = _common.tile_splits(batch * heads, n_words, tw, q.device, None, resident.get(key, 2))
     m = torch.empty(batch * q_heads * n_split, device=q.device)
     l = torch.empty_like(m)
@@ -50,10 +50,12 @@ def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True):
         q, m, l, acc, *packed_args(kv.k), *packed_args(kv.v), *q.stride(), d ** -0.5 * math.log2(math.e),
         heads, n_words, per_split, n_split,
         GROUP=group, D=d, BLOCK=kv.k.block_size, TW=tw, K_PLANES=max(1, kv.k.width_bound),
-        V_PLANES=max(1, kv.v.width_bound), MMA=mma, WQ=wq, META=meta, SH=sh, num_warps=d // 32)
+        V_PLANES=max(1, kv.v.width_bound), MMA=mma, WQ=wq, META=meta, SH=sh, num_warps=d // 32,
+        **({"maxnreg": cap} if cap else {}))
     if key not in resident:
         resident[key] = _common.resident_programs(compiled, torch.cuda.get_device_properties(q.device))
-        print(f"  compiled d{d} tw{tw}: {compiled.n_regs} registers, {resident[key]} programs an SM", flush=True)
+        print(f"  compiled d{d} tw{tw} cap {cap}: {compiled.n_regs} registers, {compiled.n_spills} spills, "
+              f"{resident[key]} programs an SM", flush=True)
     if not merge:
         return None
     out = torch.empty_like(q)
@@ -95,13 +97,14 @@ def main() -> None:
                 q.unsqueeze(2), a, b_, scale=shape.head_dim ** -0.5, enable_gqa=True) for a, b_ in dense],
                 args.reps) * 1e6 / len(sets)
             del dense, kd, vd
-            for tw in (2, 4):
-                row[f"gluon_tw{tw}_rel_err"] = rel_err(attn_gluon(q, kv, tw, resident),
-                                                        decode_attention_reference(q, no_tail(kv))) if batch == 1 else None
-                row[f"gluon_tw{tw}_kernel_us"] = time_graph(
-                    lambda: [attn_gluon(q, s, tw, resident, merge=False) for s in sets], args.reps) * 1e6 / len(sets)
-                row[f"gluon_tw{tw}_merged_us"] = time_graph(
-                    lambda: [attn_gluon(q, s, tw, resident) for s in sets], args.reps) * 1e6 / len(sets)
+            for tw, cap in ((2, None), (2, 128), (2, 168), (4, 168)):
+                name = f"gluon_tw{tw}_cap{cap}"
+                row[name + "_rel_err"] = rel_err(attn_gluon(q, kv, tw, resident, cap=cap),
+                                                 decode_attention_reference(q, no_tail(kv))) if batch == 1 else None
+                row[name + "_kernel_us"] = time_graph(
+                    lambda: [attn_gluon(q, s, tw, resident, merge=False, cap=cap) for s in sets], args.reps) * 1e6 / len(sets)
+                row[name + "_merged_us"] = time_graph(
+                    lambda: [attn_gluon(q, s, tw, resident, cap=cap) for s in sets], args.reps) * 1e6 / len(sets)
             rows.append(row)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     if args.json:
