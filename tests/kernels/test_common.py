@@ -64,14 +64,13 @@ def test_resident_programs_by_registers_threads_and_shared_memory():
 def test_programs_per_sm_prefers_the_override_then_the_count_then_the_default(monkeypatch):
     from packkv.kernels import _common
 
-    settings = {"programs_per_sm": 2}
     key = ("attention", torch.device("cuda", 0), (("D", 128),), ())
     monkeypatch.setattr(_common, "_RESIDENT", {})
-    assert _common.programs_per_sm(settings, key) == 2
+    assert _common.programs_per_sm(2, key) == 2
     _common.count_resident(key, kernel(64, 4), CPU)  # off CUDA nothing is counted
-    assert _common.programs_per_sm(settings, key) == 2
+    assert _common.programs_per_sm(2, key) == 2
     _common._RESIDENT[key] = 3
-    assert _common.programs_per_sm(settings, key) == 3
-    assert _common.programs_per_sm(settings, ("qk",) + key[1:]) == 2  # another kernel
+    assert _common.programs_per_sm(2, key) == 3
+    assert _common.programs_per_sm(2, ("qk",) + key[1:]) == 2  # another kernel
     monkeypatch.setattr(_common, "PROGRAMS_PER_SM", 16)
-    assert _common.programs_per_sm(settings, key) == 16
+    assert _common.programs_per_sm(2, key) == 16

@@ -183,13 +183,13 @@ def resident_programs(compiled, props) -> int | None:
     return max(1, min(by_regs, by_threads, by_shared))
 
 
-def programs_per_sm(settings: dict, key: tuple) -> int:
+def programs_per_sm(default: int, key: tuple) -> int:
     """The programs a multiprocessor the split heuristic aims for: the PROGRAMS_PER_SM
     override, else those counted on a kernel compiled for ``key`` (the kernel's name,
-    device, constexprs and launch options: what sets its registers), else the default's."""
+    device, constexprs and launch options: what sets its registers), else ``default``."""
     if PROGRAMS_PER_SM is not None:
         return PROGRAMS_PER_SM
-    return _RESIDENT.get(key, settings["programs_per_sm"])
+    return _RESIDENT.get(key, default)
 
 
 def count_resident(key: tuple, compiled, device: torch.device) -> None:

@@ -287,7 +287,7 @@ class DecodePlan:
         )
         self._kernel_key = ("attention", q.device, tuple(constexprs.items()), tuple(settings["options"].items()))
         per_split, n_pack_splits = tile_splits(batch * k.heads, n_words, tw, q.device, splits,
-                                               programs_per_sm(settings, self._kernel_key))
+                                               programs_per_sm(settings["programs_per_sm"], self._kernel_key))
         n_split = n_pack_splits + (k_tail.shape[2] > 0)
         m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)

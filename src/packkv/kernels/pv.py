@@ -133,7 +133,8 @@ def pv_triton(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> to
         MIN_BITS=v.min_bits, TOKEN_GROUPED=v.grouping == "token", TW=tw, WIDE=v.width_bound > 8, ASM=use_asm(p.device),
     )
     key = ("pv", p.device, tuple(constexprs.items()), tuple(settings["options"].items()))
-    per_split, n_split = tile_splits(batch * v.heads, n_words, tw, p.device, splits, programs_per_sm(settings, key))
+    per_sm = programs_per_sm(settings["programs_per_sm"], key)
+    per_split, n_split = tile_splits(batch * v.heads, n_words, tw, p.device, splits, per_sm)
     partial = torch.empty(batch, q_heads, n_split, v.head_dim, dtype=torch.float32, device=p.device)
     compiled = _pv_kernel[(batch * v.heads, n_split)](
         p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3], v.heads, n_words, per_split,

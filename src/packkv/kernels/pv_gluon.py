@@ -207,8 +207,9 @@ def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> tor
     mma, word_lanes, meta, weights = layouts(d, tile_words)
     planes = max(1, v.width_bound)
     key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap)
-    # One wave: the programs a multiprocessor holds, counted on the compiled kernel.
-    per_sm = _common.PROGRAMS_PER_SM or _common._RESIDENT.get(key, 8 if d == 64 else 4)
+    # One wave: the programs a multiprocessor holds (4 at head_dim 128 under the cap, 8 at
+    # 64), counted on the compiled kernel.
+    per_sm = _common.programs_per_sm(8 if d == 64 else 4, key)
     per_split, n_split = _common.tile_splits(batch * v.heads, n_words, tile_words, p.device, splits, per_sm)
     partial = torch.empty(batch, q_heads, n_split, d, dtype=torch.float32, device=p.device)
     compiled = _pv_gluon_kernel[(batch * v.heads, n_split)](

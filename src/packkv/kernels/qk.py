@@ -123,7 +123,8 @@ def qk_triton(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> to
         MIN_BITS=k.min_bits, TOKEN_GROUPED=k.grouping == "token", TW=tw, WIDE=k.width_bound > 8, ASM=use_asm(q.device),
     )
     key = ("qk", q.device, tuple(constexprs.items()), tuple(settings["options"].items()))
-    per_split, n_split = tile_splits(batch * k.heads, n_words, tw, q.device, splits, programs_per_sm(settings, key))
+    per_sm = programs_per_sm(settings["programs_per_sm"], key)
+    per_split, n_split = tile_splits(batch * k.heads, n_words, tw, q.device, splits, per_sm)
     grid = (batch * k.heads, n_split)
     compiled = _qk_kernel[grid](
         q, out, *packed_args(k), *q.stride(), *out.stride(), k.heads, n_words, per_split,
