@@ -33,7 +33,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from ..codec.format import PackedTensor
 from . import _common
-from .planes import packed_args
+from .planes import packed_args, side_pointers, split_tiles
 
 # (32-token words a program unpacks per step, register cap) by head_dim; measured on an
 # H100 (docs/notes/kernels.md, "Gluon"). At the cap of 128 a multiprocessor holds 4
@@ -94,10 +94,31 @@ def _bytes_f16(a, sub):
 
 
 @gluon.jit
-def _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, A: gl.constexpr,
-               NT: gl.constexpr, D: gl.constexpr, NPLANES: gl.constexpr):
-    """V^T [D, NT] of one tile as A fragments, from its width/minimum bytes ``wb, mb`` [TW, D]
-    and its packs' first words ``fw`` [TW] (packs of 32: a word is a pack)."""
+def _slot_tokens(k):
+    """The token (from the tile's start) that fragment slot ``k`` holds (module docstring)."""
+    kk = k % 32
+    return (k // 32) * 32 + 8 * (kk & 1) + 16 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1) + ((kk >> 1) & 3)
+
+
+@gluon.jit
+def _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op,
+               TW: gl.constexpr):
+    """Issue the loads of a tile's width and minimum bytes [TW, D] and its packs' first words
+    [TW] (packs of 32: a word is a pack; none from ``word_end``)."""
+    words = tile * TW + mw
+    valid = words < word_end
+    wb = gl.load(widths_bh + words[:, None] * s_wp + (mc // 2)[None, :] * s_wc, mask=valid[:, None], other=0)
+    mb = gl.load(mins_bh + words[:, None] * s_mp + (mc // 2)[None, :] * s_mc, mask=valid[:, None], other=0)
+    fw = gl.load(offsets_bh + words * s_op, mask=valid, other=0)
+    return wb, mb, fw
+
+
+@gluon.jit
+def _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, NT: gl.constexpr, D: gl.constexpr,
+                   NPLANES: gl.constexpr):
+    """The tile's values ``m + u`` as fp16 [D, NT] (channels, fragment slots), in the word-lane
+    layout's register order, from :func:`_tile_meta`'s loads. Planes 0..3 in nibble lanes,
+    planes 4..7 (``NPLANES`` > 4) ORed into the bytes they split into."""
     shift = ((mc % 2) * 4)[None, :]
     w = (wb.to(gl.int32) >> shift) & 15
     m = (mb.to(gl.int32) >> shift) & 15
@@ -108,18 +129,31 @@ def _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, A: gl.co
     m3 = gl.expand_dims(gl.convert_layout(m, WQ2), 1)
     ptr = words_ptr + base3.to(gl.int64) * s_word
     n = gl.zeros([wb.shape[0], 4, D], gl.int32, WQ)
-    for pl in gl.static_range(NPLANES):
+    for pl in gl.static_range(min(NPLANES, 4)):
         x = gl.load(ptr + pl * s_word, mask=w3 > pl, other=0)
         n = n | (((x >> q3) & 0x11111111) << pl)
+    # even nibbles (tokens 8 k + q) and odd ones (8 k + 4 + q) as bytes
+    e = n & 0x0F0F0F0F
+    o = (n >> 4) & 0x0F0F0F0F
+    for pl in gl.static_range(4, NPLANES):
+        x = gl.load(ptr + pl * s_word, mask=w3 > pl, other=0)
+        e = e | (((x >> q3) & 0x01010101) << pl)
+        o = o | (((x >> (q3 + 4)) & 0x01010101) << pl)
     hbits = (1024 - m3).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     sub = hbits | (hbits << 16)
-    # even nibbles (tokens 8 k + q) and odd ones (8 k + 4 + q) as bytes
-    e0, e1, e2, e3 = _bytes_f16(n & 0x0F0F0F0F, sub)
-    o0, o1, o2, o3 = _bytes_f16((n >> 4) & 0x0F0F0F0F, sub)
+    e0, e1, e2, e3 = _bytes_f16(e, sub)
+    o0, o1, o2, o3 = _bytes_f16(o, sub)
     # dims [TW, 4, D, r2, r1, r0] (r0, the outermost join, the fastest register), then [D, NT]
     t = gl.join(gl.join(gl.join(e0, o0), gl.join(e2, o2)), gl.join(gl.join(e1, o1), gl.join(e3, o3)))
-    t = gl.reshape(gl.permute(t, (2, 0, 3, 4, 1, 5)), [D, NT])
-    return gl.convert_layout(t, A, assert_trivial=True)
+    return gl.reshape(gl.permute(t, (2, 0, 3, 4, 1, 5)), [D, NT])
+
+
+@gluon.jit
+def _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, A: gl.constexpr,
+               NT: gl.constexpr, D: gl.constexpr, NPLANES: gl.constexpr):
+    """V^T [D, NT] of one tile as A fragments: :func:`_unpacked_tile` already holds them."""
+    return gl.convert_layout(_unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, NT, D, NPLANES), A,
+                             assert_trivial=True)
 
 
 # Batch/head strides and counts change as a cache grows (see pv.py).
@@ -143,33 +177,21 @@ def _pv_gluon_kernel(
     split = gl.program_id(1)
     b = pid_bh // heads
     h = pid_bh % heads
-    offsets_bh = offsets_ptr + b * s_ob + h * s_oh
-    widths_bh = widths_ptr + b * s_wb + h * s_wh
-    mins_bh = mins_ptr + b * s_mb + h * s_mh
-    scale_bh = scale_ptr + b * s_sb + h * s_sh
-    zero_bh = zero_ptr + b * s_zb + h * s_zh
-    first = split * tiles_per_split
-    last = gl.minimum(first + tiles_per_split, gl.cdiv(n_words, TW))
-    word_end = gl.minimum(last * TW, n_words)
+    offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh = side_pointers(
+        offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr, b, h, s_ob, s_oh, s_wb, s_wh, s_mb, s_mh, s_sb, s_sh, s_zb, s_zh)
+    first, last, word_end = split_tiles(split, tiles_per_split, n_words, TW)
 
     mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
     mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
     q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
-    # the token of each fragment slot k (module docstring)
-    k = gl.arange(0, NT, layout=gl.SliceLayout(1, WB))
-    kk = k % 32
-    token = (k // 32) * 32 + 8 * (kk & 1) + 16 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1) + ((kk >> 1) & 3)
+    token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, WB)))
     rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WB))
     p_rows = p_ptr + b * s_pb + (h * GROUP + rows) * s_ph
     row_on = rows < GROUP
     z_acc = gl.zeros([NT, 8], gl.float32, WB)  # sum of p * zero, reduced once at the end
     acc = gl.zeros([D, 8], gl.float32, MMA)
     for tile in range(first, last):
-        words = tile * TW + mw
-        valid = words < word_end
-        wb = gl.load(widths_bh + words[:, None] * s_wp + (mc // 2)[None, :] * s_wc, mask=valid[:, None], other=0)
-        mb = gl.load(mins_bh + words[:, None] * s_mp + (mc // 2)[None, :] * s_mc, mask=valid[:, None], other=0)
-        fw = gl.load(offsets_bh + words * s_op, mask=valid, other=0)
+        wb, mb, fw = _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
         tok = tile * NT + token
         on = tok < word_end * 32
         sc = gl.load(scale_bh + (tok // BLOCK) * s_sn + (tok % BLOCK) * s_sx, mask=on, other=0.0).to(gl.float32)
