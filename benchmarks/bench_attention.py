@@ -112,6 +112,18 @@ def clone_cache(kv: PackedKV) -> PackedKV:
     return replace(kv, k=copy(kv.k), v=copy(kv.v), k_tail=kv.k_tail.clone(), v_tail=kv.v_tail.clone())
 
 
+def encode_chunk(k: torch.Tensor, v: torch.Tensor, config: PackKVConfig = PackKVConfig()) -> PackedKV:
+    """The benchmarks' cache chunk: real K, V ``[1, heads, CHUNK_TOKENS, head_dim]`` (from
+    :func:`real_chunk`) encoded, their first TAIL_TOKENS tokens again as the fp16 tail."""
+    return compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
+
+
+def rotation(kv: PackedKV) -> list[PackedKV]:
+    """``kv`` and copies of it (16 at most), together more than the L2 holds: timed in turn,
+    every read comes from memory."""
+    return [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+
+
 def time_graph(fn, reps: int) -> float:
     """Median seconds of one replay of a CUDA graph of ``fn``."""
     stream = torch.cuda.Stream()
@@ -276,9 +288,9 @@ def sweep_variants(chunks: dict, reps: int, tile_words=(2, 4), programs=(8, 16),
     cases = []
     for shape, batch in ((SHAPES[0], 1), (SHAPES[0], 8), (SHAPES[1], 1), (SHAPES[1], 8)):
         k, v = chunks[shape.name]
-        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
+        chunk = encode_chunk(k, v, config)
         kv = build_cache(chunk, batch, 32768)
-        sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+        sets = rotation(kv)
         q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
         p = torch.softmax(torch.randn(batch, shape.q_heads, 32768, device="cuda"), -1).half()
         cases.append((shape, batch, sets, q, p))
@@ -367,7 +379,7 @@ def main() -> None:
     rows = []
     for shape in SHAPES:
         k, v = chunks[shape.name]
-        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
+        chunk = encode_chunk(k, v, config)
         print(f"{shape.name}: chunk of {CHUNK_TOKENS} real tokens, compression {chunk.fp16_nbytes / chunk.nbytes:.2f}x"
               + (" (head_dim 128 = channels of two real SmolLM2 heads)" if shape.head_dim == 128 else ""), flush=True)
         for batch in batch_list:

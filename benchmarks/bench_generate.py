@@ -200,10 +200,15 @@ PACKKV_ABLATIONS = {
 }
 
 
-def packkv_cache(model: LlamaForCausalLM, folded: bool, fused_append: bool, direct_launch: bool) -> PackKVCache:
-    """A PackKVCache; the switches of its host path hold for the runs until the next one is made."""
+def set_host_path(folded: bool, fused_append: bool, direct_launch: bool) -> None:
+    """The module switches of PackKVCache's decode-step host path (read at each step)."""
     kernels = sys.modules["packkv.kernels.decode_attention"]
     kernels.FOLDED_COMBINE, packkv.cache.FUSED_APPEND, kernels.DIRECT_LAUNCH = folded, fused_append, direct_launch
+
+
+def packkv_cache(model: LlamaForCausalLM, folded: bool, fused_append: bool, direct_launch: bool) -> PackKVCache:
+    """A PackKVCache; the switches of its host path hold for the runs until the next one is made."""
+    set_host_path(folded, fused_append, direct_launch)
     return PackKVCache(model.config, BENCH_PACKKV)
 
 
@@ -349,8 +354,7 @@ def activate(model, label: str, attn: str) -> None:
     switches of its host path (read at each step, so caches of several labels can alternate)."""
     set_attention(model, attn)
     if label in PACKKV_ABLATIONS:
-        kernels = sys.modules["packkv.kernels.decode_attention"]
-        kernels.FOLDED_COMBINE, packkv.cache.FUSED_APPEND, kernels.DIRECT_LAUNCH = PACKKV_ABLATIONS[label]
+        set_host_path(*PACKKV_ABLATIONS[label])
 
 
 @dataclass

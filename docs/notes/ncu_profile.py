@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from bench_attention import SHAPES, TAIL_TOKENS, build_cache, real_chunk  # noqa: E402
+from bench_attention import SHAPES, build_cache, encode_chunk, real_chunk  # noqa: E402
 
-from packkv import PackKVConfig, compress_kv  # noqa: E402
 from packkv.codec import decode_tensor  # noqa: E402
 from packkv.kernels import decode_attention, pv, qk  # noqa: E402
 
@@ -82,8 +81,7 @@ def main() -> None:
     data = torch.load(args.data)
     shape = SHAPES[0]
     k, v = (t.cuda() for t in real_chunk(data, shape))
-    chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2),
-                        PackKVConfig())
+    chunk = encode_chunk(k, v)
     group = shape.q_heads // shape.kv_heads
     launches = []
     for batch in map(int, args.batches.split(",")):

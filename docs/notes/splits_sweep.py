@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -21,10 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from bench_attention import (  # noqa: E402
-    L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, time_graph,
+    SHAPES, TAIL_TOKENS, build_cache, encode_chunk, real_chunk, rotation, time_graph,
 )
 
-from packkv import PackKVConfig, compress_kv  # noqa: E402
+from packkv import PackKVConfig  # noqa: E402
 from packkv.kernels.decode_attention import DecodePlan  # noqa: E402
 
 
@@ -53,11 +52,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(device)}, {sms} SMs")
     for shape in SHAPES:
         k, v = (t.to(device) for t in real_chunk(data, shape))
-        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2), config)
+        chunk = encode_chunk(k, v, config)
         for batch in (1, 8):
             for tokens in map(int, args.tokens.split(",")):
                 kv = build_cache(chunk, batch, tokens)
-                sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+                sets = rotation(kv)
                 q = torch.randn(batch, shape.q_heads, shape.head_dim, device=device, dtype=torch.float16)
                 scale = shape.head_dim ** -0.5
 

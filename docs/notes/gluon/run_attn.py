@@ -23,11 +23,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from attn_gluon import _attn_gluon  # noqa: E402
 from bench_attention import (  # noqa: E402
-    L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, rel_err, time_graph,
+    SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
-import triton.experimental.gluon.language as gl  # noqa: E402
 
-from packkv import PackKVConfig, compress_kv  # noqa: E402
 from packkv.codec import decode_tensor  # noqa: E402
 from packkv.kernels import _common, decode_attention, decode_attention_reference, pv_gluon  # noqa: E402
 from packkv.kernels.decode_attention import COMBINE_CHUNK, _combine_kernel  # noqa: E402
@@ -40,7 +38,6 @@ def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True, cap: int | No
     group = q_heads // heads
     n_words = kv.k.n_tokens // 32
     mma, wq, meta, _ = pv_gluon.layouts(d, tw)
-    sh = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
     key = (d, tw, cap)
     per_split, n_split = _common.tile_splits(batch * heads, n_words, tw, q.device, None, resident.get(key, 2))
     m = torch.empty(batch * q_heads * n_split, device=q.device)
@@ -50,7 +47,7 @@ def attn_gluon(q, kv, tw: int, resident: dict, merge: bool = True, cap: int | No
         q, m, l, acc, *packed_args(kv.k), *packed_args(kv.v), *q.stride(), d ** -0.5 * math.log2(math.e),
         heads, n_words, per_split, n_split,
         GROUP=group, D=d, BLOCK=kv.k.block_size, TW=tw, K_PLANES=max(1, kv.k.width_bound),
-        V_PLANES=max(1, kv.v.width_bound), MMA=mma, WQ=wq, META=meta, SH=sh, num_warps=d // 32,
+        V_PLANES=max(1, kv.v.width_bound), MMA=mma, WQ=wq, META=meta, num_warps=d // 32,
         **({"maxnreg": cap} if cap else {}))
     if key not in resident:
         resident[key] = _common.resident_programs(compiled, torch.cuda.get_device_properties(q.device))
@@ -73,8 +70,7 @@ def main() -> None:
     rows, resident = [], {}
     for shape in SHAPES:
         k, v = (t.cuda() for t in real_chunk(data, shape))
-        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2),
-                            PackKVConfig())
+        chunk = encode_chunk(k, v)
         no_tail = lambda kv: replace(kv, k_tail=kv.k_tail[:, :, :0], v_tail=kv.v_tail[:, :, :0])
         torch.manual_seed(0)
         q = torch.randn(1, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
@@ -85,7 +81,7 @@ def main() -> None:
                 raise SystemExit("gluon attention disagrees with the reference")
         for batch in (1, 8):
             kv = build_cache(chunk, batch, 32768)
-            sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+            sets = rotation(kv)
             q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
             row = dict(model=shape.name, batch=batch, tokens=32768,
                        triton_us=time_graph(lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_attention import (  # noqa: E402
-    L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, rel_err, time_graph,
+    SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
 
-from packkv import PackKVConfig, compress_kv  # noqa: E402
 from packkv.kernels import _common, pv, pv_gluon, pv_reference  # noqa: E402
 
 
@@ -35,11 +33,10 @@ def main() -> None:
     defaults = dict(pv_gluon.SETTINGS)
     for shape in SHAPES:
         k, v = (t.cuda() for t in real_chunk(data, shape))
-        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2),
-                            PackKVConfig())
+        chunk = encode_chunk(k, v)
         for batch in (1, 8):
             kv = build_cache(chunk, batch, 32768)
-            sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+            sets = rotation(kv)
             p = torch.softmax(torch.randn(batch, shape.q_heads, 32768, device="cuda"), -1).half()
             _common.GLUON = False
             row = dict(model=shape.name, batch=batch, tokens=32768,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -18,12 +17,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from bench_attention import (  # noqa: E402
-    L2_DEFEAT_BYTES, SHAPES, TAIL_TOKENS, build_cache, clone_cache, real_chunk, rel_err, time_graph,
+    SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
-from qk_gluon import _qk_gluon, layouts  # noqa: E402
+from qk_gluon import _qk_gluon  # noqa: E402
 
-from packkv import PackKVConfig, compress_kv  # noqa: E402
-from packkv.kernels import _common, qk, qk_reference  # noqa: E402
+from packkv.kernels import _common, pv_gluon, qk, qk_reference  # noqa: E402
 from packkv.kernels.planes import packed_args  # noqa: E402
 
 
@@ -33,14 +31,14 @@ def qk_gluon(q, k, tw: int, pps: int | None, resident: dict):
     nw = d // 32
     assert k.grouping == "token" and k.pack_size == 32 and k.min_bits == 4 and k.width_bound <= 8
     n_words = k.n_tokens // 32
-    mma, wq, meta, sh = layouts(d, nw, tw)
+    mma, wq, meta, _ = pv_gluon.layouts(d, tw)
     key = (d, tw)
     per_split, n_split = _common.tile_splits(batch * k.heads, n_words, tw, q.device, None, pps or resident.get(key, 4))
     out = torch.empty(batch, q_heads, k.n_tokens, dtype=torch.float32, device=q.device)
     compiled = _qk_gluon[(batch * k.heads, n_split)](
         q, out, *packed_args(k), *q.stride(), *out.stride(), k.heads, n_words, per_split,
         GROUP=group, D=d, BLOCK=k.block_size, TW=tw, NPLANES=max(1, k.width_bound),
-        MMA=mma, WQ=wq, META=meta, SH=sh, num_warps=nw)
+        MMA=mma, WQ=wq, META=meta, num_warps=nw)
     if key not in resident:
         resident[key] = _common.resident_programs(compiled, torch.cuda.get_device_properties(q.device))
         print(f"  compiled d{d} tw{tw}: {compiled.n_regs} registers, {resident[key]} programs an SM", flush=True)
@@ -57,8 +55,7 @@ def main() -> None:
     rows, resident = [], {}
     for shape in SHAPES:
         k, v = (t.cuda() for t in real_chunk(data, shape))
-        chunk = compress_kv(torch.cat([k, k[:, :, :TAIL_TOKENS]], 2), torch.cat([v, v[:, :, :TAIL_TOKENS]], 2),
-                            PackKVConfig())
+        chunk = encode_chunk(k, v)
         torch.manual_seed(0)
         q = torch.randn(1, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
         for tw in (2, 4):
@@ -68,7 +65,7 @@ def main() -> None:
                 raise SystemExit("gluon qk disagrees with the reference")
         for batch in (1, 8):
             kv = build_cache(chunk, batch, 32768)
-            sets = [kv] + [clone_cache(kv) for _ in range(max(1, min(16, math.ceil(L2_DEFEAT_BYTES / kv.nbytes))) - 1)]
+            sets = rotation(kv)
             q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
             row = dict(model=shape.name, batch=batch, tokens=32768,
                        rel_err_32k=rel_err(qk_gluon(q, kv.k, 2, None, resident), qk_reference(q, kv.k)),

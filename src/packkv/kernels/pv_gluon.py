@@ -101,6 +101,12 @@ def _slot_tokens(k):
 
 
 @gluon.jit
+def _token_values(side_bh, tok, on, s_n, s_x, BLOCK: gl.constexpr):
+    """A token-grouped side's step or minimum of tokens ``tok`` (0 where not ``on``), fp32."""
+    return gl.load(side_bh + (tok // BLOCK) * s_n + (tok % BLOCK) * s_x, mask=on, other=0.0).to(gl.float32)
+
+
+@gluon.jit
 def _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op,
                TW: gl.constexpr):
     """Issue the loads of a tile's width and minimum bytes [TW, D] and its packs' first words
@@ -194,8 +200,8 @@ def _pv_gluon_kernel(
         wb, mb, fw = _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
         tok = tile * NT + token
         on = tok < word_end * 32
-        sc = gl.load(scale_bh + (tok // BLOCK) * s_sn + (tok % BLOCK) * s_sx, mask=on, other=0.0).to(gl.float32)
-        ze = gl.load(zero_bh + (tok // BLOCK) * s_zn + (tok % BLOCK) * s_zx, mask=on, other=0.0).to(gl.float32)
+        sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK)
+        ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK)
         p = gl.load(p_rows[None, :] + tok[:, None] * s_pt, mask=row_on[None, :] & on[:, None], other=0.0).to(gl.float32)
         vt = _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, A, NT, D, NPLANES)
         # V[t, c] = zero_t + scale_t (m_c + u_tc): the weights p * scale go to the tensor
