@@ -341,7 +341,8 @@ def main() -> None:
     parser.add_argument("--unfused", action="store_true",
                         help="also time the attention as three kernels (K product, softmax, V product)")
     parser.add_argument("--no-gluon", action="store_true",
-                        help="the V product with pv.py's Triton kernel, not the Gluon one (pv_gluon.py)")
+                        help="the V product and the attention with the Triton kernels (pv.py, decode_attention.py), "
+                             "not the Gluon ones (pv_gluon.py, attention_gluon.py)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs an NVIDIA GPU")
@@ -351,6 +352,7 @@ def main() -> None:
         sys.modules["packkv.kernels.decode_attention"].FOLDED_COMBINE = False
     kernel_settings.GLUON = not args.no_gluon
     gluon_kernel = sys.modules["packkv.kernels.pv"]._gluon
+    attention_gluon = sys.modules["packkv.kernels.decode_attention"]._gluon
     reps = 10 if args.quick else 30
     data = torch.load(args.data)
     device = torch.cuda.get_device_name()
@@ -359,7 +361,8 @@ def main() -> None:
           f"(tile words, programs/SM) {kernel_settings.DEFAULTS}; overrides: warps {args.num_warps}, tile words "
           f"{args.tile_words}, programs/SM {args.programs_per_sm}, max registers {args.max_registers}; splits merged "
           f"{'by a second kernel' if args.combine_kernel else 'in the decode kernel'}; V product by "
-          f"{'Gluon where it serves the format' if kernel_settings.GLUON and gluon_kernel else 'Triton'}", flush=True)
+          f"{'Gluon where it serves the format' if kernel_settings.GLUON and gluon_kernel else 'Triton'}, attention by "
+          f"{'Gluon where it serves the format' if kernel_settings.GLUON and attention_gluon else 'Triton'}", flush=True)
     chunks = {s.name: tuple(t.cuda() for t in real_chunk(data, s)) for s in SHAPES}
     log: list[str] = []
     if not args.no_check:

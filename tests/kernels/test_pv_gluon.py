@@ -3,13 +3,11 @@ the installed Triton (on any machine: the layouts' conversions are checked at co
 time), and, on a GPU (PACKKV_TEST_DEVICE=cuda), that it matches pv_reference."""
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from kernel_cases import DEVICE, V_PRODUCT_RTOL, assert_product_close, kv_data, Case
+from sm90 import compile_sm90
 
 from packkv import PackKVConfig, compress_kv
 from packkv.kernels import _common, pv, pv_reference
@@ -38,53 +36,22 @@ def test_serves_only_the_default_format():
         assert not gluon_kernel.supported(packed_v(PackKVConfig(**other)), 4, cuda), other
 
 
-# Compiled in a fresh interpreter: the tests run under TRITON_INTERPRET=1, which turns
-# Triton's library functions (gl.max, gl.sum) into interpreter objects Gluon cannot compile.
-COMPILE_SM90 = """
-import os
-import re
-import subprocess
-import sys
-import tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-from packkv.kernels import pv_gluon as g
-
-head_dim = int(sys.argv[1])
-tile_words, cap = g.SETTINGS[head_dim]
-fn = g._pv_gluon_kernel
-mma, word_lanes, meta, weights = g.layouts(head_dim, tile_words)
-consts = dict(GROUP=4, D=head_dim, BLOCK=64, TW=tile_words, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
-pointers = {"p_ptr": "*fp16", "part_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
-            "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}
-signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
-k = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts),
-                   target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": head_dim // 32, **({"maxnreg": cap} if cap else {})})
-with tempfile.TemporaryDirectory() as tmp:
-    cubin = os.path.join(tmp, "k.cubin")
-    with open(cubin, "wb") as f:
-        f.write(k.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = dict(re.findall(r"(REG|STACK|LOCAL):(\\d+)", subprocess.run([tool, "-res-usage", cubin], capture_output=True,
-                                                                       text=True).stdout))
-print("mma.sync" in k.asm["ptx"], usage["REG"], cap or 255)
-"""
-
-
 @needs_gluon
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_compiles_for_sm90(head_dim):
-    """Offline compilation for an H100 with this Triton (its own ptxas): fails if a layout
-    conversion the kernel asserts trivial would move data, or if this Gluon rejects the
-    kernel. Tensor-core MMAs within the register cap of SETTINGS."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_SM90, str(head_dim)], capture_output=True, text=True, env=env,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    has_mma, regs, cap = run.stdout.split()[-3:]
-    assert has_mma == "True" and int(regs) <= int(cap), run.stdout
+    """Offline for an H100 with this Triton (sm90.py): tensor-core MMAs within the register
+    cap of SETTINGS."""
+    tile_words, cap = gluon_kernel.SETTINGS[head_dim]
+    result = compile_sm90(f"""
+from packkv.kernels import pv_gluon as g
+fn = g._pv_gluon_kernel
+mma, word_lanes, meta, weights = g.layouts({head_dim}, {tile_words})
+consts = dict(GROUP=4, D={head_dim}, BLOCK=64, TW={tile_words}, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
+pointers = {{"p_ptr": "*fp16", "part_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
+            "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}}
+options = {{"num_warps": {head_dim // 32}, "maxnreg": {cap}}}
+""")
+    assert result["mma"] and result["registers"] <= cap, result
 
 
 @on_gpu

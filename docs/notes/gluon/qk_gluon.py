@@ -6,45 +6,18 @@ prototype (4 lanes share a channel's plane words, nibble lane q each) cannot fee
 fragment directly: the tile ``K^T [D, T]`` is unpacked in that layout, stored to shared
 memory and read back transposed (ldmatrix) as the A operand. Slot ``k`` of the tile holds
 token ``32 w + 8 r0 + 16 r1 + 4 r2 + q`` as in pv_gluon.py; the scores follow.
-Token grouping, pack 32, min_bits 4, widths <= 8 (NPLANES planes), fp16 queries.
+Token grouping, pack 32, min_bits 4, widths <= 8 (NPLANES planes). Its unpack, staging and
+query operand are attention_gluon.py's.
 (A first version gave each lane one byte lane of 32 channels, 8 lanes sharing a load:
 11.7 instructions a value, 160 loads a word and thread; see docs/notes/kernels.md.)
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from packkv.kernels.attention_gluon import SHARED, _k_scores, _query_operand
 from packkv.kernels.planes import side_pointers, split_tiles
-from packkv.kernels.pv_gluon import _slot_tokens, _tile_meta, _token_values, _unpacked_tile
-
-# The staged K^T tile [D, NT] in shared memory; the register layouts are pv_gluon.layouts'
-# (its MMA layout has the warps along the M dimension: tokens here, channels there).
-SHARED = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-
-
-@gluon.jit
-def _query_operand(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP: gl.constexpr, D: gl.constexpr, B: gl.constexpr,
-                   MMA: gl.constexpr):
-    """q^T [D, 8] (the GQA group, padded) as fp16 B fragments, and its row sums [8] (MMA columns)."""
-    cB = gl.arange(0, D, layout=gl.SliceLayout(1, B))
-    gB = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
-    qt = gl.load(q_ptr + b * s_qb + (h * GROUP + gB[None, :]) * s_qh + cB[:, None] * s_qd,
-                 mask=(gB < GROUP)[None, :], other=0.0).to(gl.float16)
-    return qt, gl.convert_layout(gl.sum(qt.to(gl.float32), axis=0), gl.SliceLayout(0, MMA))
-
-
-@gluon.jit
-def _k_scores(words_ptr, s_word, wb, mb, fw, mc, q3, qt, qsum, sc, ze, tile_smem, WQ: gl.constexpr, A: gl.constexpr,
-              MMA: gl.constexpr, NT: gl.constexpr, D: gl.constexpr, NPLANES: gl.constexpr):
-    """Raw scores S^T [NT, 8] = zero_t qsum + step_t (K . q^T) of one tile (MMA layout, rows
-    the fragment slots): K^T unpacked, through shared memory, read back transposed."""
-    kt = _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, NT, D, NPLANES)
-    gl.thread_barrier()  # the previous tile's reads are done
-    tile_smem.store(kt)
-    gl.thread_barrier()
-    sp = mma_v2(tile_smem.permute((1, 0)).load(A), qt, gl.zeros([NT, 8], gl.float32, MMA))
-    return ze[:, None] * qsum[None, :] + sc[:, None] * sp
+from packkv.kernels.pv_gluon import _slot_tokens, _tile_meta, _token_values
 
 
 @gluon.jit
@@ -67,7 +40,10 @@ def _qk_gluon(
     offsets_bh, widths_bh, mins_bh, scale_bh, zero_bh = side_pointers(
         offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr, b, h, s_ob, s_oh, s_wb, s_wh, s_mb, s_mh, s_sb, s_sh, s_zb, s_zh)
     first, last, word_end = split_tiles(gl.program_id(1), tiles_per_split, n_words, TW)
-    qt, qsum = _query_operand(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D, B, MMA)
+    qs, pw = _query_operand(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D, B)
+    qt = qs.to(gl.float16)
+    qsum = gl.convert_layout(gl.sum(qt.to(gl.float32), axis=0), gl.SliceLayout(0, MMA))
+    col_scale = gl.convert_layout(pw, gl.SliceLayout(0, MMA))
     mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
     mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
     q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
@@ -82,5 +58,5 @@ def _qk_gluon(
         sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK)
         ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK)
         scores = _k_scores(words_ptr, s_word, wb, mb, fw, mc, q3, qt, qsum, sc, ze, tile_smem, WQ, A, MMA, NT, D,
-                           NPLANES)
+                           NPLANES) * col_scale[None, :]
         gl.store(out_cols[None, :] + tok[:, None] * s_outt, scores, mask=on[:, None] & (nS < GROUP)[None, :])

@@ -19,7 +19,9 @@ NUM_WARPS: int | None = None  # warps a program
 TILE_WORDS: int | None = None  # 32-token words a program unpacks per step
 PROGRAMS_PER_SM: int | None = None  # programs the split heuristic aims for, per multiprocessor
 MAX_REGISTERS: int | None = None  # register cap a thread (Triton's maxnreg)
-GLUON = True  # pv on CUDA uses the Gluon kernel where it serves the format (pv_gluon.py)
+# pv and the decode attention on CUDA use their Gluon kernels where these serve the format
+# (pv_gluon.py, attention_gluon.py); False: the Triton kernels everywhere.
+GLUON = True
 
 # Measured on an H100 (docs/notes/kernels.md, v5, T = 32K, Llama-3.1-8B and SmolLM2 shapes):
 # (tile words, programs per multiprocessor, register cap or None) by kernel and head_dim.

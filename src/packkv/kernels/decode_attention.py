@@ -6,6 +6,10 @@ sum and output for the whole GQA group and writes them; the last program of the 
 KV head) to finish combines them (one launch a decode step: at batch 1 the host's time
 to launch bounds a step).
 K and V are unpacked in registers and never reach global memory.
+
+On CUDA, for the packed format's default layout, :class:`DecodePlan` launches the Gluon
+kernel of attention_gluon.py instead (same arguments, same partials and merge contract);
+this file's Triton kernel serves every other format, and the CPU under the interpreter.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ from .planes import (
 from .pv import v_tile_sum
 from .qk import k_query, k_tile_scores
 from .reference import decode_attention_reference
+
+try:  # Gluon is experimental: a Triton without it, or with another API, keeps the Triton kernel
+    from . import attention_gluon as _gluon
+except Exception:  # noqa: BLE001 (any failure of the import means: not available)
+    _gluon = None
 
 LOG2E = 1.4426950408889634
 COMBINE_CHUNK = 64  # splits a merge reads at a time
@@ -240,7 +249,9 @@ class DecodePlan:
     blocks, the storages of the tail and of the mask, the splits, the buffers of partial
     results and the ~100 kernel arguments. A plan derives them once; :meth:`run` allocates
     the output, sets the query, the tail length and the new token, and launches the decode
-    kernel, whose last program of each (batch, KV head) merges the splits.
+    kernel, whose last program of each (batch, KV head) merges the splits. The kernel is
+    attention_gluon.py's where it serves the format (compiled CUDA, ``_common.GLUON``), else
+    this file's Triton kernel; both take the same argument list.
 
     The first launch of a kernel goes through Triton's dispatcher, which specializes
     every argument (pointer alignment, integers equal to 1 or divisible by 16) to compile
@@ -278,21 +289,30 @@ class DecodePlan:
         batch, q_heads, head_dim = q.shape[0], q.shape[1], q.shape[-1]
         self.q_heads, self.dtype = q_heads, q.dtype
         n_words = k.n_tokens // 32
-        settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
-        tw = settings["tile_words"]
-        constexprs = dict(
-            GROUP=q_heads // k.heads, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
-            K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
-            TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), CHUNK=COMBINE_CHUNK,
-        )
-        self._kernel_key = ("attention", q.device, tuple(constexprs.items()), tuple(settings["options"].items()))
+        group = q_heads // k.heads
+        if _gluon is not None and _common.GLUON and _gluon.supported(k, v, group, k_tail.dtype, q.device):
+            self._kernel = _gluon._attention_kernel
+            tw, per_sm, self._options, constexprs, self._kernel_key = _gluon.launch_config(
+                k, v, group, mask is not None, q.dtype == torch.float16 and k_tail.dtype == torch.bfloat16)
+        else:
+            self._kernel = _decode_kernel
+            settings = _common.launch_settings("attention", head_dim, k.block_size, "channel" in (k.grouping, v.grouping))
+            tw, self._options, per_sm = settings["tile_words"], settings["options"], settings["programs_per_sm"]
+            constexprs = dict(
+                GROUP=group, D=head_dim, PACK=k.pack_size, BLOCK=k.block_size, MIN_BITS=k.min_bits,
+                K_TOKEN_GROUPED=k.grouping == "token", V_TOKEN_GROUPED=v.grouping == "token", HAS_MASK=mask is not None,
+                TW=tw, K_WIDE=k.width_bound > 8, V_WIDE=v.width_bound > 8, ASM=use_asm(q.device), CHUNK=COMBINE_CHUNK,
+            )
+            self._kernel_key = ("attention", tuple(constexprs.items()), tuple(self._options.items()))
+        self._kernel_key += (q.device,)
         per_split, n_pack_splits = tile_splits(batch * k.heads, n_words, tw, q.device, splits,
-                                               programs_per_sm(settings["programs_per_sm"], self._kernel_key))
+                                               programs_per_sm(per_sm, self._kernel_key))
         n_split = n_pack_splits + (k_tail.shape[2] > 0)
         m_part = torch.empty(batch, q_heads, n_split, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         acc_part = torch.empty(batch, q_heads, n_split, head_dim, dtype=torch.float32, device=q.device)
-        counter = torch.zeros(batch * k.heads, dtype=torch.int32, device=q.device)
+        per_item = _gluon.counters(n_split) if self._kernel is not _decode_kernel else 1
+        counter = torch.zeros(batch * k.heads * per_item, dtype=torch.int32, device=q.device)
         self._no_rows = (_no_row(k_tail), _no_row(v_tail))
         if mask is None:
             mask_arg, mask_strides = k_tail, (0, 0, 0)  # any pointer: the kernel reads no mask
@@ -302,7 +322,7 @@ class DecodePlan:
         # Every argument in the kernel's order, constexprs too: the list the dispatcher hands
         # to the compiled kernel. run() sets those in _RUN_SETS (the output: contiguous).
         self._decode_args = _in_order(
-            _decode_kernel, q, m_part, l_part, acc_part, counter, None, q_heads * head_dim, head_dim, 1,
+            self._kernel, q, m_part, l_part, acc_part, counter, None, q_heads * head_dim, head_dim, 1,
             *packed_args(k), *packed_args(v),
             k_tail, *k_tail.stride(), v_tail, *v_tail.stride(), mask_arg, *mask_strides, *_query_strides(q),
             *self._no_rows[0], *self._no_rows[1],
@@ -316,7 +336,6 @@ class DecodePlan:
         )
         # Three dimensions: a compiled kernel's launcher reads grid[2] (the dispatcher pads).
         self._grids = ((batch * k.heads, n_split, 1), (batch * q_heads, 1, 1))
-        self._options = settings["options"]
         self._device = q.device.index
         # The compiled kernels' launches (_Launch), and the layout of the query and new rows
         # the decode kernel was specialized for.
@@ -357,7 +376,7 @@ class DecodePlan:
         if launch is not None and layout == self._layout:
             launch(args)
         else:
-            compiled = _decode_kernel[self._grids[0]](*args, **self._options)
+            compiled = self._kernel[self._grids[0]](*args, **self._options)
             if isinstance(compiled, CompiledKernel):
                 self._launch, self._layout = _Launch(compiled, self._grids[0], args, _RUN_SETS, self._device), layout
                 count_resident(self._kernel_key, compiled, q.device)
@@ -449,7 +468,7 @@ _RUN_SETS = (_Q, _S_QB, _S_QH, _S_QD, _TAIL_LEN, _APPEND, _MERGE, _OUT_D, *range
 def decode_attention_triton(
     q: torch.Tensor, kv: PackedKV, sm_scale: float, mask: torch.Tensor | None, splits: int | None
 ) -> torch.Tensor:
-    """Triton :func:`decode_attention` (inputs already validated)."""
+    """:func:`decode_attention` by a kernel (inputs already validated): one DecodePlan's launch."""
     return DecodePlan(q, kv.k, kv.v, kv.k_tail, kv.v_tail, sm_scale, mask, splits).run(q, kv.k_tail.shape[2])
 
 
@@ -474,7 +493,8 @@ def decode_attention(
 
     Returns:
         ``[batch, q_heads, head_dim]`` in q's dtype; zeros for a row that attends nothing.
-        Triton on CUDA (and on the CPU under ``TRITON_INTERPRET=1``), else
+        On CUDA the Gluon kernel (attention_gluon.py) for the default format, the Triton
+        kernel for the others (and on the CPU under ``TRITON_INTERPRET=1``); else
         :func:`decode_attention_reference`.
     """
     check_attention(q, kv, mask)
