@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--data", default=".kvdata/smollm2_kv.pt")
     parser.add_argument("--variants", default="", help="comma-separated module names in packkv.kernels")
     parser.add_argument("--programs", default="", help="comma-separated programs per SM to sweep (folded and not)")
+    parser.add_argument("--tile-words", default="", help="comma-separated tile words to sweep (folded)")
     parser.add_argument("--json")
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
@@ -65,6 +66,15 @@ def main() -> None:
                             lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
             _common.PROGRAMS_PER_SM = None
             module.FOLDED_COMBINE = True
+            for tw in [int(x) for x in filter(None, args.tile_words.split(","))]:
+                _common.TILE_WORDS = tw
+                try:
+                    row[f"gluon_tw{tw}_rel_err"] = rel_err(decode_attention(q, kv), ref)
+                    row[f"gluon_tw{tw}_us"] = time_graph(
+                        lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
+                except Exception as error:  # noqa: BLE001 (a setting the kernel cannot take: noted in the row)
+                    row[f"gluon_tw{tw}_error"] = str(error).splitlines()[0][:200]
+            _common.TILE_WORDS = None
             _common.GLUON = False
             row["triton_us"] = time_graph(lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
             _common.GLUON = True
