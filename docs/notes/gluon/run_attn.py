@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_attention import SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph  # noqa: E402
+from rows import report, save  # noqa: E402
 
 from packkv.codec import decode_tensor  # noqa: E402
 from packkv.kernels import _common, decode_attention, decode_attention_reference  # noqa: E402
@@ -49,10 +49,15 @@ def main() -> None:
             q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
             ref = decode_attention_reference(q, kv)
             row = dict(model=shape.name, batch=batch, tokens=32768)
+
+            def attention_us() -> float:
+                """µs a call of decode_attention under the settings as they stand, each set in turn."""
+                return time_graph(lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
+
             for name, variant in variants.items():
                 module._gluon = variant
                 row[name + "_rel_err"] = rel_err(decode_attention(q, kv), ref)
-                row[name + "_us"] = time_graph(lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
+                row[name + "_us"] = attention_us()
             module._gluon = library
             for pps in [None] + [int(x) for x in filter(None, args.programs.split(","))]:
                 _common.PROGRAMS_PER_SM = pps
@@ -62,21 +67,19 @@ def main() -> None:
                     name = "gluon" + tag + ("" if folded else "_unfolded")
                     if pps is not None or not folded:
                         row[name + "_rel_err"] = rel_err(decode_attention(q, kv), ref)
-                        row[name + "_us"] = time_graph(
-                            lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
+                        row[name + "_us"] = attention_us()
             _common.PROGRAMS_PER_SM = None
             module.FOLDED_COMBINE = True
             for tw in [int(x) for x in filter(None, args.tile_words.split(","))]:
                 _common.TILE_WORDS = tw
                 try:
                     row[f"gluon_tw{tw}_rel_err"] = rel_err(decode_attention(q, kv), ref)
-                    row[f"gluon_tw{tw}_us"] = time_graph(
-                        lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
+                    row[f"gluon_tw{tw}_us"] = attention_us()
                 except Exception as error:  # noqa: BLE001 (a setting the kernel cannot take: noted in the row)
                     row[f"gluon_tw{tw}_error"] = str(error).splitlines()[0][:200]
             _common.TILE_WORDS = None
             _common.GLUON = False
-            row["triton_us"] = time_graph(lambda: [decode_attention(q, s) for s in sets], args.reps) * 1e6 / len(sets)
+            row["triton_us"] = attention_us()
             _common.GLUON = True
             copies = 32768 // chunk.k.n_tokens
             kd = torch.cat([decode_tensor(chunk.k).half().repeat(batch, 1, copies, 1), kv.k_tail], 2)
@@ -85,11 +88,8 @@ def main() -> None:
             row["sdpa_us"] = time_graph(lambda: [F.scaled_dot_product_attention(
                 q.unsqueeze(2), a, b_, scale=shape.head_dim ** -0.5, enable_gqa=True) for a, b_ in dense],
                 args.reps) * 1e6 / len(sets)
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            report(rows, row)
+    save(args.json, rows)
 
 
 if __name__ == "__main__":

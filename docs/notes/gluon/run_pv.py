@@ -8,7 +8,6 @@ GPU only (Gluon has no interpreter).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_attention import (  # noqa: E402
     SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
+from rows import report, save  # noqa: E402
 
 from packkv.kernels import _common, pv, pv_gluon, pv_reference  # noqa: E402
 
@@ -50,11 +50,8 @@ def main() -> None:
                     row[f"gluon_tw{tw}_cap{cap}_us"] = us
                     row[f"gluon_tw{tw}_cap{cap}_err"] = err
             pv_gluon.SETTINGS.update(defaults)
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            report(rows, row)
+    save(args.json, rows)
 
 
 if __name__ == "__main__":

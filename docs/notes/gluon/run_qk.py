@@ -7,7 +7,6 @@ the current Triton qk, on bench_attention.py's real-KV caches, T = 32K. GPU only
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from bench_attention import (  # noqa: E402
     SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
+from rows import report, save  # noqa: E402
 from qk_gluon import _qk_gluon  # noqa: E402
 
 from packkv.kernels import _common, pv_gluon, qk, qk_reference  # noqa: E402
@@ -76,11 +76,8 @@ def main() -> None:
                     pps = resident[(shape.head_dim, tw)] * mult
                     row[f"gluon_tw{tw}_x{mult}_us"] = time_graph(
                         lambda: [qk_gluon(q, s.k, tw, pps, resident) for s in sets], args.reps) * 1e6 / len(sets)
-            rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            report(rows, row)
+    save(args.json, rows)
 
 
 if __name__ == "__main__":

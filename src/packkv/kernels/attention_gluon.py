@@ -32,7 +32,9 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from ..codec.format import PackedTensor
 from . import _common
 from .planes import side_pointers, split_tiles
-from .pv_gluon import MAX_PLANES, _slot_tokens, _tile_meta, _token_values, _unpacked_tile, _v_operand, layouts
+from .pv_gluon import (
+    MAX_PLANES, _pow2_at_most, _slot_tokens, _tile_meta, _token_values, _unpacked_tile, _v_operand, layouts,
+)
 
 # (32-token words a program unpacks per step, register cap) by head_dim. Measured on an H100
 # at T = 32K (docs/notes/kernels.md, "Gluon attention"): uncapped, the head_dim-128
@@ -87,14 +89,13 @@ def launch_config(k: PackedTensor, v: PackedTensor, group: int, has_mask: bool, 
     cap = _common.MAX_REGISTERS or cap
     mma, word_lanes, meta, _ = layouts(d, tile_words)
     warps = d // 32
-    rows = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[1, 32], warps_per_cta=[warps, 1], order=[1, 0])
     merge = gl.BlockedLayout(size_per_thread=[1, 1, 1], threads_per_warp=[1, 1, 32], warps_per_cta=[warps, 1, 1],
                              order=[2, 1, 0])
     k_planes, v_planes = max(1, k.width_bound), max(1, v.width_bound)
     gp = 1 << (group - 1).bit_length()
     constexprs = dict(GROUP=group, D=d, BLOCK=k.block_size, TW=tile_words, K_PLANES=k_planes, V_PLANES=v_planes,
                       HAS_MASK=has_mask, SPLIT_QUERY=split_query, GP=gp, CHUNK=MERGE_SPLITS // max(1, gp // warps),
-                      FAN_IN=FAN_IN, MMA=mma, WQ=word_lanes, META=meta, ROWS=rows, MERGE=merge)
+                      FAN_IN=FAN_IN, MMA=mma, WQ=word_lanes, META=meta, MERGE=merge)
     options = {"num_warps": warps, **({"maxnreg": cap} if cap else {})}
     key = ("attention_gluon", d, group, k.block_size, tile_words, k_planes, v_planes, has_mask, split_query, cap)
     return tile_words, 8 if d == 64 else 4, options, constexprs, key
@@ -109,8 +110,7 @@ def _query_operand(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP: gl.constexpr, D: gl.con
     gB = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
     q = gl.load(q_ptr + b * s_qb + (h * GROUP + gB[None, :]) * s_qh + cB[:, None] * s_qd,
                 mask=(gB < GROUP)[None, :], other=0.0).to(gl.float32)
-    amax = gl.max(gl.abs(q), axis=0)
-    pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
+    pw = _pow2_at_most(gl.max(gl.abs(q), axis=0))
     return q / pw[None, :], pw
 
 
@@ -234,7 +234,7 @@ def _attention_kernel(
     GROUP: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, TW: gl.constexpr,
     K_PLANES: gl.constexpr, V_PLANES: gl.constexpr, HAS_MASK: gl.constexpr, SPLIT_QUERY: gl.constexpr,
     GP: gl.constexpr, CHUNK: gl.constexpr, FAN_IN: gl.constexpr,
-    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, ROWS: gl.constexpr, MERGE: gl.constexpr,
+    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, MERGE: gl.constexpr,
 ):
     """Grid (batch * kv_heads, n_split); split ``n_pack_splits`` (if any) takes the tail.
 
@@ -290,8 +290,7 @@ def _attention_kernel(
             # sum_t p_t zero_t, and the weights times the steps go to the tensor cores.
             vscb = gl.convert_layout(vsc, gl.SliceLayout(1, B))
             z = gl.sum(p * gl.convert_layout(vze, gl.SliceLayout(1, B))[:, None], axis=0)
-            top = gl.max(vscb, axis=0)
-            unit = gl.exp2(gl.floor(gl.log2(gl.where(top > 0, top, 1.0))))
+            unit = _pow2_at_most(gl.max(vscb, axis=0))
             vt = _v_operand(vw_ptr, vs_word, vwb, vmb, vfw, mc, q3, WQ, A, NT, D, V_PLANES)
             out = mma_v2(vt, (p * (vscb * (WEIGHT_TOP / unit))[:, None]).to(gl.float16),
                          gl.zeros([D, 8], gl.float32, MMA))
@@ -304,7 +303,7 @@ def _attention_kernel(
         vt_bh = vt_ptr + b * s_vtb + h * s_vth
         if append:
             row = tail_len - 1
-            chan = gl.arange(0, D, layout=gl.SliceLayout(0, ROWS))
+            chan = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, MERGE)))
             gl.store(kt_bh + row * s_ktt + chan * s_ktd, gl.load(kn_ptr + b * s_knb + h * s_knh + chan * s_knd))
             gl.store(vt_bh + row * s_vtt + chan * s_vtd, gl.load(vn_ptr + b * s_vnb + h * s_vnh + chan * s_vnd))
             _barrier()  # the tiles below are loaded by other threads than those that stored it

@@ -79,6 +79,12 @@ def _add(a, b):
 
 
 @gluon.jit
+def _pow2_at_most(x):
+    """The power of two at or below each ``x`` (fp32, >= 0); 1 where ``x`` is 0."""
+    return gl.exp2(gl.floor(gl.log2(gl.where(x > 0, x, 1.0))))
+
+
+@gluon.jit
 def _bytes_f16(a, sub):
     """The four bytes of ``a`` minus ``sub`` (fp16x2 ``1024 - m``): ``m + byte`` as fp16, byte 0 first."""
     return gl.inline_asm_elementwise(
@@ -210,7 +216,7 @@ def _pv_gluon_kernel(
         # In the B fragments every warp holds the whole tile: the row maxima need no barrier.
         weights = gl.convert_layout(p * sc[:, None], B)
         amax = gl.max(gl.abs(weights), axis=0)
-        pw = gl.where(amax > 0, gl.exp2(gl.floor(gl.log2(gl.where(amax > 0, amax, 1.0)))), 1.0)
+        pw = _pow2_at_most(amax)
         out = mma_v2(vt, (weights * (1.0 / pw)[None, :]).to(gl.float16), gl.zeros([D, 8], gl.float32, MMA))
         acc += out * gl.convert_layout(pw, gl.SliceLayout(0, MMA))[None, :]
     acc += gl.convert_layout(gl.sum(z_acc, axis=0), gl.SliceLayout(0, MMA))[None, :]
