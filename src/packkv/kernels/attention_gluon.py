@@ -38,7 +38,7 @@ from .pv_gluon import (
 
 # (32-token words a program unpacks per step, register cap) by head_dim. Measured on an H100
 # at T = 32K (docs/notes/kernels.md, "Gluon attention"): uncapped, the head_dim-128
-# prototype took 190-207 registers and 20-25% more time; at 128 a multiprocessor holds 4
+# prototype took 190-207 registers and 23-26% more time; at 128 a multiprocessor holds 4
 # programs (8 at head_dim 64), and the loop over the packed tiles spills little (Triton 3.6:
 # ~25 local loads and stores in ~1500 instructions; the tail's loop more).
 SETTINGS = {64: (2, 128), 128: (2, 128)}
