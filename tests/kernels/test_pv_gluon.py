@@ -45,7 +45,7 @@ def test_compiles_for_sm90(head_dim):
     result = compile_sm90(f"""
 from packkv.kernels import pv_gluon as g
 fn = g._pv_gluon_kernel
-mma, word_lanes, meta, weights = g.layouts({head_dim}, {tile_words})
+mma, word_lanes, meta, weights = g.layouts({head_dim}, {tile_words}, {head_dim // 32})
 consts = dict(GROUP=4, D={head_dim}, BLOCK=64, TW={tile_words}, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
 pointers = {{"p_ptr": "*fp16", "part_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
             "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}}

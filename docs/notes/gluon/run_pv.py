@@ -2,12 +2,16 @@
 its settings: tile words x register cap, on bench_attention.py's real-KV caches, T = 32K.
 GPU only (Gluon has no interpreter).
 
-    PYTHONPATH=src python3 docs/notes/gluon/run_pv.py [--json out.json]
+    PYTHONPATH=src python3 docs/notes/gluon/run_pv.py [--variants _exp_a,_exp_b] [--json out.json]
+
+A variant is a module with pv_gluon's interface (a copy of it with one change, written next
+to it in src/packkv/kernels/), timed at its own settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -25,9 +29,12 @@ from packkv.kernels import _common, pv, pv_gluon, pv_reference  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=".kvdata/smollm2_kv.pt")
+    parser.add_argument("--variants", default="", help="comma-separated module names in packkv.kernels")
     parser.add_argument("--json")
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
+    module = importlib.import_module("packkv.kernels.pv")
+    variants = {name: importlib.import_module(f"packkv.kernels.{name}") for name in filter(None, args.variants.split(","))}
     data = torch.load(args.data)
     rows = []
     defaults = dict(pv_gluon.SETTINGS)
@@ -50,6 +57,11 @@ def main() -> None:
                     row[f"gluon_tw{tw}_cap{cap}_us"] = us
                     row[f"gluon_tw{tw}_cap{cap}_err"] = err
             pv_gluon.SETTINGS.update(defaults)
+            for name, variant in variants.items():
+                module._gluon = variant
+                row[f"{name}_err"] = rel_err(pv(p, kv.v), pv_reference(p, kv.v))
+                row[f"{name}_us"] = time_graph(lambda: [pv(p, s.v) for s in sets], args.reps) * 1e6 / len(sets)
+            module._gluon = pv_gluon
             report(rows, row)
     save(args.json, rows)
 

@@ -1,5 +1,7 @@
-"""Prototype check and timing: the Gluon K product (qk_gluon.py) against qk_reference and
-the current Triton qk, on bench_attention.py's real-KV caches, T = 32K. GPU only.
+"""Check and timing of the Gluon K product (packkv/kernels/qk_gluon.py) at tiles of 2 and 4
+words and one or two waves of programs, against qk_reference and qk.py's Triton kernel, on
+bench_attention.py's real-KV caches, T = 32K. GPU only. (The prototype it first timed is at
+commit 25bd50c, docs/notes/gluon/qk_gluon.py.)
 
     PYTHONPATH=src python3 docs/notes/gluon/run_qk.py [--json out.json]
 """
@@ -19,9 +21,9 @@ from bench_attention import (  # noqa: E402
     SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
 from rows import report, save  # noqa: E402
-from qk_gluon import _qk_gluon  # noqa: E402
 
 from packkv.kernels import _common, pv_gluon, qk, qk_reference  # noqa: E402
+from packkv.kernels.qk_gluon import _qk_gluon_kernel as _qk_gluon  # noqa: E402
 from packkv.kernels.planes import packed_args  # noqa: E402
 
 
@@ -31,7 +33,7 @@ def qk_gluon(q, k, tw: int, pps: int | None, resident: dict):
     nw = d // 32
     assert k.grouping == "token" and k.pack_size == 32 and k.min_bits == 4 and k.width_bound <= 8
     n_words = k.n_tokens // 32
-    mma, wq, meta, _ = pv_gluon.layouts(d, tw)
+    mma, wq, meta, _ = pv_gluon.layouts(d, tw, d // 32)
     key = (d, tw)
     per_split, n_split = _common.tile_splits(batch * k.heads, n_words, tw, q.device, None, pps or resident.get(key, 4))
     out = torch.empty(batch, q_heads, k.n_tokens, dtype=torch.float32, device=q.device)
@@ -67,9 +69,12 @@ def main() -> None:
             kv = build_cache(chunk, batch, 32768)
             sets = rotation(kv)
             q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
+            _common.GLUON = False
             row = dict(model=shape.name, batch=batch, tokens=32768,
                        rel_err_32k=rel_err(qk_gluon(q, kv.k, 2, None, resident), qk_reference(q, kv.k)),
                        triton_us=time_graph(lambda: [qk(q, s.k) for s in sets], args.reps) * 1e6 / len(sets))
+            _common.GLUON = True
+            row["library_us"] = time_graph(lambda: [qk(q, s.k) for s in sets], args.reps) * 1e6 / len(sets)
             for tw in (2, 4):
                 qk_gluon(q, sets[0].k, tw, None, resident)
                 for mult in (1, 2):

@@ -3,11 +3,13 @@
 Per tile of ``TW`` 32-token words of the packed blocks:
 
 - **K.** ``S^T [T, 8] = K . q^T`` reduces over channels, which an MMA fragment spreads over
-  the 4 lanes of a quad, so pv_gluon's unpack (4 lanes share a channel's plane words) cannot
+  the 4 lanes of a quad, so pv_gluon's unpack (a lane holds one channel of its tokens) cannot
   feed it directly: the tile ``K^T [D, T]`` is unpacked in that layout, stored to shared
   memory and read back transposed (ldmatrix) as the A operand (warps along tokens).
-- **Softmax.** The scores go to the B fragments of the V product, where every warp holds
-  the whole tile: the running maxima need no barrier.
+- **Softmax.** In the scores' MMA layout, where each warp holds its own tokens (a few
+  values a thread; in the B fragments of the V product every warp would hold the whole tile
+  and repeat the work): the tile's maxima across the warps, then the weights times V's steps
+  go to the B fragments in fp16.
 - **V.** ``P^T`` multiplies ``V^T`` unpacked straight into the A fragments
   (pv_gluon._v_operand). K and V share the slot order of the unpack, so P needs no
   permutation.
@@ -17,7 +19,7 @@ query split into two halves of the tail's dtype), and the last program of each (
 head) to finish merges the splits. The kernel takes the arguments of
 decode_attention._decode_kernel, in the same order, so that DecodePlan launches either.
 
-Measured on an H100 (docs/benchmarks.md, "v8"). Serves token grouping on both sides, packs
+Measured on an H100 (docs/benchmarks.md, "v9"). Serves token grouping on both sides, packs
 of 32, 4-bit minima, K widths of at most 8 bits and V widths of at most 4, GQA groups of at
 most 8 (:func:`supported`); decode_attention.py's Triton kernel serves the rest and the CPU.
 """
@@ -33,15 +35,15 @@ from ..codec.format import PackedTensor
 from . import _common
 from .planes import side_pointers, split_tiles
 from .pv_gluon import (
-    MAX_PLANES, _pow2_at_most, _slot_tokens, _tile_meta, _token_values, _unpacked_tile, _v_operand, layouts,
+    MAX_PLANES, TILE_WORDS, _pow2_at_most, _slot_tokens, _tile_meta, _token_values, _unpacked_tile, _v_operand,
+    layouts,
 )
 
-# (32-token words a program unpacks per step, register cap) by head_dim. Measured on an H100
-# at T = 32K (docs/notes/kernels.md, "Gluon attention"): uncapped, the head_dim-128
-# prototype took 190-207 registers and 23-26% more time; at 128 a multiprocessor holds 4
-# programs (8 at head_dim 64), and the loop over the packed tiles spills little (Triton 3.6:
-# ~25 local loads and stores in ~1500 instructions; the tail's loop more).
-SETTINGS = {64: (2, 128), 128: (2, 128)}
+# (32-token words a program unpacks per step, register cap, warps) by head_dim. Measured on
+# an H100 at T = 32K (docs/benchmarks.md, v9): at 128 registers and 4 warps a multiprocessor
+# holds 4 programs; at head_dim 128, tiles of 2 words or 8 warps were 18-33% slower, caps of
+# 96 and 168 registers 6-18%; at head_dim 64, 2 warps 26-32% slower.
+SETTINGS = {64: (4, 128, 4), 128: (4, 128, 4)}
 K_MAX_PLANES = 8  # K widths the kernel unpacks (planes 4..7 take the byte path)
 # The staged K^T tile [D, TW * 32] in shared memory, read back transposed.
 SHARED = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
@@ -78,17 +80,18 @@ def counters(n_split: int) -> int:
 def launch_config(k: PackedTensor, v: PackedTensor, group: int, has_mask: bool, split_query: bool
                   ) -> tuple[int, int, dict, dict, tuple]:
     """``(tile words, programs a multiprocessor holds, launch options, constexprs, key)`` of
-    a launch. The programs are those the register cap allows (4 at head_dim 128, 8 at 64;
-    the first launch counts them on the compiled kernel), the key names what sets the
+    a launch. The programs are those the register cap allows (the first launch counts them
+    on the compiled kernel), the key names what sets the
     compiled kernel's registers (for _common.programs_per_sm). ``split_query``: the query
     does not fit the tail's dtype (fp16 against bf16), so the tail's scores take it in two
     halves."""
     d = k.head_dim
-    tile_words, cap = SETTINGS[d]
+    tile_words, cap, warps = SETTINGS[d]
     tile_words = _common.TILE_WORDS or tile_words
     cap = _common.MAX_REGISTERS or cap
-    mma, word_lanes, meta, _ = layouts(d, tile_words)
-    warps = d // 32
+    if tile_words not in TILE_WORDS:
+        raise ValueError(f"the Gluon attention takes tiles of {TILE_WORDS} words, not {tile_words}")
+    mma, word_lanes, meta, _ = layouts(d, tile_words, warps)
     merge = gl.BlockedLayout(size_per_thread=[1, 1, 1], threads_per_warp=[1, 1, 32], warps_per_cta=[warps, 1, 1],
                              order=[2, 1, 0])
     k_planes, v_planes = max(1, k.width_bound), max(1, v.width_bound)
@@ -98,7 +101,8 @@ def launch_config(k: PackedTensor, v: PackedTensor, group: int, has_mask: bool, 
                       FAN_IN=FAN_IN, MMA=mma, WQ=word_lanes, META=meta, MERGE=merge)
     options = {"num_warps": warps, **({"maxnreg": cap} if cap else {})}
     key = ("attention_gluon", d, group, k.block_size, tile_words, k_planes, v_planes, has_mask, split_query, cap)
-    return tile_words, 8 if d == 64 else 4, options, constexprs, key
+    per_sm = 65536 // (32 * warps * cap) if cap else 2
+    return tile_words, per_sm, options, constexprs, key
 
 
 @gluon.jit
@@ -138,14 +142,13 @@ def _masked(s, mask_bh, tok, on, s_mkt, HAS_MASK: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_step(s, m_i, B: gl.constexpr):
-    """One step of the running softmax (base 2) over a tile of scores ``s [NT, 8]``, in the B
-    fragments: the tile's weights, the new max [8], and the factor [8] for the old output
-    and sum. A column that has seen only masked tokens keeps max -inf and weights 0."""
-    sb = gl.convert_layout(s, B)
-    m_new = gl.maximum(m_i, gl.max(sb, axis=0))
+def _softmax_step(s, m_i):
+    """One step of the running softmax (base 2) over a tile of scores ``s [NT, 8]`` in their
+    MMA layout: the tile's weights, the new max [8], and the factor [8] for the old output
+    and sums. A column that has seen only masked tokens keeps max -inf and weights 0."""
+    m_new = gl.maximum(m_i, gl.max(s, axis=0))
     m_safe = gl.where(m_new > -float("inf"), m_new, 0.0)
-    return gl.exp2(sb - m_safe[None, :]), m_new, gl.exp2(m_i - m_safe)
+    return gl.exp2(s - m_safe[None, :]), m_new, gl.exp2(m_i - m_safe)
 
 
 @gluon.jit
@@ -254,9 +257,11 @@ def _attention_kernel(
     qs, pw = _query_operand(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP, D, B)
     # The scores' column factor: the query's powers of two and the scale, in log2 units.
     col_scale = gl.convert_layout(pw, gl.SliceLayout(0, MMA)) * qk_scale
-    m_i = gl.full([8], -float("inf"), gl.float32, gl.SliceLayout(0, B))
-    l_acc = gl.zeros([NT, 8], gl.float32, B)  # the packed tiles' sums, by token
-    l_tail = gl.zeros([8], gl.float32, gl.SliceLayout(0, B))  # the tail's
+    m_i = gl.full([8], -float("inf"), gl.float32, gl.SliceLayout(0, MMA))
+    # The sums of the weights and of the weights times V's zeros, by fragment slot, reduced
+    # once at the end.
+    l_acc = gl.zeros([NT, 8], gl.float32, MMA)
+    z_acc = gl.zeros([NT, 8], gl.float32, MMA)
     acc = gl.zeros([D, 8], gl.float32, MMA)
     tile_smem = gl.allocate_shared_memory(gl.float16, [D, NT], SHARED)
     if split < n_pack_splits:
@@ -272,7 +277,7 @@ def _attention_kernel(
         mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
         mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
         q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
-        token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, MMA)))
+        token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, MMA)), TW)
         for tile in range(first, last):
             kwb, kmb, kfw = _tile_meta(k_wd, k_mn, k_off, tile, word_end, mw, mc, ks_wp, ks_wc, ks_mp, ks_mc, ks_op, TW)
             vwb, vmb, vfw = _tile_meta(v_wd, v_mn, v_off, tile, word_end, mw, mc, vs_wp, vs_wc, vs_mp, vs_mc, vs_op, TW)
@@ -284,18 +289,15 @@ def _attention_kernel(
             vze = _token_values(v_ze, tok, on, vs_zn, vs_zx, BLOCK)
             s = _k_scores(kw_ptr, ks_word, kwb, kmb, kfw, mc, q3, qt, qsum, sc, ze, tile_smem, WQ, A, MMA, NT, D,
                           K_PLANES) * col_scale[None, :]
-            p, m_i, alpha = _softmax_step(_masked(s, mask_bh, tok, on, s_mkt, HAS_MASK), m_i, B)
-            l_acc = l_acc * alpha[None, :] + p  # summed over tokens once, at the end
+            p, m_i, alpha = _softmax_step(_masked(s, mask_bh, tok, on, s_mkt, HAS_MASK), m_i)
             # V[t, c] = zero_t + step_t (m_c + u_tc): the zeros ride with the weights,
             # sum_t p_t zero_t, and the weights times the steps go to the tensor cores.
-            vscb = gl.convert_layout(vsc, gl.SliceLayout(1, B))
-            z = gl.sum(p * gl.convert_layout(vze, gl.SliceLayout(1, B))[:, None], axis=0)
-            unit = _pow2_at_most(gl.max(vscb, axis=0))
+            l_acc = l_acc * alpha[None, :] + p
+            z_acc = z_acc * alpha[None, :] + p * vze[:, None]
+            unit = _pow2_at_most(gl.max(vsc, axis=0))
+            weights = gl.convert_layout((p * (vsc * (WEIGHT_TOP / unit))[:, None]).to(gl.float16), B)
             vt = _v_operand(vw_ptr, vs_word, vwb, vmb, vfw, mc, q3, WQ, A, NT, D, V_PLANES)
-            out = mma_v2(vt, (p * (vscb * (WEIGHT_TOP / unit))[:, None]).to(gl.float16),
-                         gl.zeros([D, 8], gl.float32, MMA))
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, MMA))[None, :] + out * (unit / WEIGHT_TOP) \
-                + gl.convert_layout(z, gl.SliceLayout(0, MMA))[None, :]
+            acc = acc * alpha[None, :] + mma_v2(vt, weights, gl.zeros([D, 8], gl.float32, MMA)) * (unit / WEIGHT_TOP)
     else:
         # The tail, in its dtype: the query as two halves of it (exact enough for either).
         dt = kt_ptr.dtype.element_ty
@@ -323,18 +325,18 @@ def _attention_kernel(
                 s = mma_v2(kt, q_lo, s)
             s = s * col_scale[None, :]
             s = _masked(s, mask_bh, n_words * 32 + start + s_tok, start + s_tok < tail_len, s_mkt, HAS_MASK)
-            p, m_i, alpha = _softmax_step(s, m_i, B)
-            l_tail = l_tail * alpha + gl.sum(p, axis=0)
+            p, m_i, alpha = _softmax_step(s, m_i)
+            l_acc = l_acc * alpha[None, :] + p
             vt = gl.load(vt_bh + (start + v_tok)[None, :] * s_vtt + v_chan[:, None] * s_vtd,
                          mask=(start + v_tok < tail_len)[None, :], other=0.0)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(0, MMA))[None, :] \
-                + mma_v2(vt, p.to(dt), gl.zeros([D, 8], gl.float32, MMA))
+            acc = acc * alpha[None, :] + mma_v2(vt, gl.convert_layout(p.to(dt), B), gl.zeros([D, 8], gl.float32, MMA))
     # Partials in _decode_kernel's order: query row r = b * q_heads + h * GROUP + g, index
     # r * n_split + split; acc [.., D].
-    rows = gl.arange(0, 8, layout=gl.SliceLayout(0, B))
+    acc += gl.sum(z_acc, axis=0)[None, :]
+    rows = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     row_ids = (b * heads * GROUP + h * GROUP + rows) * n_split + split
     gl.store(m_part + row_ids, m_i, mask=rows < GROUP)
-    gl.store(l_part + row_ids, gl.sum(l_acc, axis=0) + l_tail, mask=rows < GROUP)
+    gl.store(l_part + row_ids, gl.sum(l_acc, axis=0), mask=rows < GROUP)
     chan = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     col_ids = (b * heads * GROUP + h * GROUP + cols) * n_split + split

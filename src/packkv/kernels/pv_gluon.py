@@ -6,18 +6,23 @@ with m16n8k16 MMAs: V^T is the A operand (warps along channels), the weights of 
 group (padded to 8) the B operand.
 
 **Why V fits the fragments.** In an A fragment lane ``l`` holds channels ``l // 4`` (and
-+8) and tokens ``2 q + {0, 1}`` (and +8), ``q = l % 4``: the 4 lanes of a quad share a
-channel and each holds 8 tokens of a 32-token word. Tokens may be permuted freely (the
-weights follow), so lane q takes nibble lane q of every plane word (``(x >> q) &
-0x11111111``: tokens ``4 i + q``), and fragment slot ``k = 32 w + 16 r2 + 8 r1 + 2 q + r0``
-holds token ``32 w + 8 r0 + 16 r1 + 4 r2 + q``. Splitting the nibbles into even and odd
-bytes and the ``prmt``/``sub.f16x2`` conversion of planes.py then give, register by register,
-the fp16 pairs ``(r0 = 0, 1)`` the fragment wants; ``convert_layout(..., assert_trivial=True)``
-proves at compile time that no value moves between lanes. The quad's 4 lanes load the same
-plane words (one transaction). Only the widths' prefix sum and the weights go through
-shared memory (1 KB a tile).
++8) and, of each 16 fragment slots, slots ``2 q + {0, 1}`` (and +8), ``q = l % 4``: the 4
+lanes of a quad share a channel. Tokens may be permuted freely (the weights follow). A
+plane word holds a channel's bit of 32 tokens; its nibble lane ``n`` (``(x >> n) &
+0x11111111``) holds tokens ``4 i + n``. A tile of ``TW`` words (1, 2 or 4) puts its words on
+the quad's lanes, so that each lane loads and unpacks words of its own: quad lane ``q =
+n_lo + 2**(2 - a) w`` (``TW = 2**a``) takes word ``w``'s nibble lanes ``n = n_lo + 2**(2 - a)
+n_hi``, ``n_hi`` in registers. Fragment slot ``z + 2 n_lo + 2**(3 - a) w + 8 y + 16 x + 32
+n_hi`` holds token ``32 w + 8 z + 16 y + 4 x + n`` (:func:`_slot_tokens`): splitting the
+nibbles into even and odd bytes (``z``) and the ``prmt``/``sub.f16x2`` conversion of
+planes.py then give, register by register, the fp16 pairs the fragment wants, and
+``convert_layout(..., assert_trivial=True)`` proves at compile time that no value moves
+between lanes. (With the words in registers and the nibble lanes on the quad, the first
+version, each plane word was loaded by 4 lanes and its metadata converted for each: 1.2-1.3x
+slower in the fused attention, docs/notes/kernels.md.) Only the widths' prefix sum and the
+weights go through shared memory (1 KB a tile).
 
-Measured on an H100 (docs/notes/kernels.md, "Gluon"): 1.3-1.6x faster than the Triton kernel of pv.py.
+Measured on an H100 (docs/benchmarks.md, "v9"): 1.3-1.9x faster than the Triton kernel of pv.py.
 It serves the default format only: token grouping, packs of 32, 4-bit minima and V widths of
 at most 4 bits (:func:`supported`); pv.py's Triton kernel serves the rest and the CPU.
 """
@@ -40,6 +45,7 @@ from .planes import packed_args, side_pointers, split_tiles
 # programs at head_dim 128 (8 at 64); uncapped, the per-row rescaling of the weights takes
 # the kernel to ~165 registers.
 SETTINGS = {64: (4, 128), 128: (4, 128)}
+TILE_WORDS = (1, 2, 4)  # the tiles the quad's lanes can hold
 MAX_PLANES = 4  # widths the nibble lanes hold
 
 
@@ -51,21 +57,25 @@ def supported(v: PackedTensor, group: int, device: torch.device) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def layouts(head_dim: int, tile_words: int) -> tuple:
-    """Register layouts for ``head_dim / 32`` warps: the MMA accumulator out^T [D, 8] (warps
-    along channels); the word-lane layout [TW, 4, D] that holds, per (word, quad lane q,
-    channel), what the A fragments of V^T [D, TW * 32] hold before the nibbles are spread;
-    the widths' layout [TW, D] (4 channels a thread, a warp a word); the weights' [TW * 32, 8]
+def layouts(head_dim: int, tile_words: int, warps: int) -> tuple:
+    """Register layouts for ``warps`` warps (16 channels each, at most ``head_dim / 16``): the
+    MMA accumulator out^T [D, 8] (warps along channels); the word-lane layout [TW, 4, D] that
+    holds, per (word, nibble lane, channel), what the A fragments of V^T [D, TW * 32] hold
+    before the nibbles are spread (the words on the quad's lanes, module docstring); the
+    widths' layout [TW, D] (4 channels a thread, a warp a word); the weights' [TW * 32, 8]
     (a token a thread)."""
-    warps = head_dim // 32
+    if tile_words not in TILE_WORDS or not 16 <= 16 * warps <= head_dim:
+        raise ValueError(f"tiles of {tile_words} words and {warps} warps do not fit head_dim {head_dim}")
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
-    regs = [[0, 0, 8]] + [[1 << i, 0, 0] for i in range(tile_words.bit_length() - 1)]
+    a = tile_words.bit_length() - 1
+    quad = [[0, 1 << i, 0] for i in range(2 - a)] + [[1 << i, 0, 0] for i in range(a)]
+    regs = [[0, 0, 8]] + [[0, 1 << (2 - a + i), 0] for i in range(a)]
     n = 16 * warps
     while n < head_dim:
         regs.append([0, 0, n])
         n *= 2
     word_lanes = gl.DistributedLinearLayout(
-        reg_bases=regs, lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+        reg_bases=regs, lane_bases=quad + [[0, 0, 1], [0, 0, 2], [0, 0, 4]],
         warp_bases=[[0, 0, 16 << i] for i in range(warps.bit_length() - 1)], block_bases=[],
         shape=[tile_words, 4, head_dim])
     meta = gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32], warps_per_cta=[warps, 1], order=[1, 0])
@@ -100,10 +110,14 @@ def _bytes_f16(a, sub):
 
 
 @gluon.jit
-def _slot_tokens(k):
-    """The token (from the tile's start) that fragment slot ``k`` holds (module docstring)."""
-    kk = k % 32
-    return (k // 32) * 32 + 8 * (kk & 1) + 16 * ((kk >> 3) & 1) + 4 * ((kk >> 4) & 1) + ((kk >> 1) & 3)
+def _slot_tokens(k, TW: gl.constexpr):
+    """The token (from the tile's start) that fragment slot ``k`` of a tile of ``TW`` words
+    holds (module docstring)."""
+    NLO: gl.constexpr = 2 - TW // 2  # nibble-lane bits on the quad's lanes
+    n_lo = (k >> 1) & ((1 << NLO) - 1)
+    w = (k >> (1 + NLO)) & (TW - 1)
+    n = n_lo + ((k >> 5) << NLO)
+    return 32 * w + 8 * (k & 1) + 16 * ((k >> 3) & 1) + 4 * ((k >> 4) & 1) + n
 
 
 @gluon.jit
@@ -155,9 +169,14 @@ def _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, NT: 
     sub = hbits | (hbits << 16)
     e0, e1, e2, e3 = _bytes_f16(e, sub)
     o0, o1, o2, o3 = _bytes_f16(o, sub)
-    # dims [TW, 4, D, r2, r1, r0] (r0, the outermost join, the fastest register), then [D, NT]
+    # dims [w, n, D, x, y, z]: byte z + 2 y of the even (x = 0) or odd nibbles, token
+    # 32 w + 8 z + 16 y + 4 x + n; then n = n_lo + 2**NLO n_hi, and the fragment slots
+    # [D, (n_hi, x, y, w, n_lo, z)] (_slot_tokens)
+    TW: gl.constexpr = wb.shape[0]
+    NLO: gl.constexpr = 2 - TW // 2
     t = gl.join(gl.join(gl.join(e0, o0), gl.join(e2, o2)), gl.join(gl.join(e1, o1), gl.join(e3, o3)))
-    return gl.reshape(gl.permute(t, (2, 0, 3, 4, 1, 5)), [D, NT])
+    t = gl.reshape(t, [TW, 4 >> NLO, 1 << NLO, D, 2, 2, 2])
+    return gl.reshape(gl.permute(t, (3, 1, 4, 5, 0, 2, 6)), [D, NT])
 
 
 @gluon.jit
@@ -196,7 +215,7 @@ def _pv_gluon_kernel(
     mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
     mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
     q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
-    token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, WB)))
+    token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, WB)), TW)
     rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WB))
     p_rows = p_ptr + b * s_pb + (h * GROUP + rows) * s_ph
     row_on = rows < GROUP
@@ -238,7 +257,7 @@ def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> tor
     if n_words == 0:
         return torch.zeros(batch, q_heads, d, dtype=torch.float32, device=p.device)
     tile_words, cap = SETTINGS[d]
-    mma, word_lanes, meta, weights = layouts(d, tile_words)
+    mma, word_lanes, meta, weights = layouts(d, tile_words, d // 32)
     planes = max(1, v.width_bound)
     key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap)
     # One wave: the programs a multiprocessor holds (4 at head_dim 128 under the cap, 8 at

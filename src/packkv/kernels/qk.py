@@ -15,6 +15,11 @@ from .planes import (
 )
 from .reference import qk_reference
 
+try:  # Gluon is experimental: a Triton without it, or with another API, keeps the Triton kernel
+    from . import qk_gluon as _gluon
+except Exception:  # noqa: BLE001 (any failure of the import means: not available)
+    _gluon = None
+
 
 @triton.jit
 def k_query(q):
@@ -145,11 +150,14 @@ def qk(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> torch.Ten
             picks one wave: as many programs as the GPU holds at once.
 
     Returns:
-        fp32 ``[batch, q_heads, k.n_tokens]``, in packed token order. Triton on CUDA (and
-        on the CPU under ``TRITON_INTERPRET=1``), else :func:`qk_reference`.
+        fp32 ``[batch, q_heads, k.n_tokens]``, in packed token order. On CUDA, the Gluon
+        kernel of qk_gluon.py where it serves the format (the defaults), else Triton (also
+        on the CPU under ``TRITON_INTERPRET=1``); else :func:`qk_reference`.
     """
     check_packed(k, "k")
     check_query(q, k)
     if not use_triton(q.device):
         return qk_reference(q, k)
+    if _common.GLUON and _gluon is not None and _gluon.supported(k, q.shape[1] // k.heads, q.device):
+        return _gluon.qk_gluon(q, k, splits)
     return qk_triton(q, k, splits)
