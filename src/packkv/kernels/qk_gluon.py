@@ -27,10 +27,10 @@ from .planes import packed_args, side_pointers, split_tiles
 from .pv_gluon import _slot_tokens, _tile_meta, _token_values, layouts
 
 # (32-token words a program unpacks per step, programs a multiprocessor per resident one)
-# by head_dim. Measured on an H100 at T = 32K (docs/notes/gluon/run_qk.py): tiles of 4
-# words are 1.0-1.25x faster than tiles of 2; twice the resident programs (two waves) is
-# 15-18% faster at batch 8 and within 6% at batch 1. Uncapped, Triton 3.6 compiles it to 96
-# registers (5 programs an SM at head_dim 128, 10 at 64).
+# by head_dim. Measured on an H100 at T = 32K (docs/notes/gluon/run_qk.py, docs/benchmarks.md
+# v9): tiles of 4 words are up to 1.25x faster than tiles of 2 (equal at SmolLM2 batch 1);
+# twice the resident programs (two waves) was 1-15% faster at batch 8 and up to 7% slower at
+# batch 1 in two calls. Uncapped: Triton 3.6 compiled it to 96-128 registers.
 SETTINGS = {64: (4, 2), 128: (4, 2)}
 
 
