@@ -85,6 +85,12 @@ def make_case(case: Case, seed: int = 0) -> tuple[torch.Tensor, PackedKV]:
     return q.to(DEVICE), kv.to(DEVICE)
 
 
+def packed_side(side: str, config: PackKVConfig = PackKVConfig(), batch=1, heads=2, head_dim=64, tokens=200, seed=0):
+    """Side ``side`` ("k" or "v") of random KV of that shape, compressed with ``config``."""
+    k, v = kv_data(Case(batch=batch, kv_heads=heads, head_dim=head_dim, tokens=tokens, config=config), seed)
+    return getattr(compress_kv(k, v, config), side)
+
+
 def assert_product_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = PRODUCT_RTOL) -> None:
     """fp32 products agree to ``rtol`` of the largest reference value."""
     assert out.dtype == torch.float32 and out.shape == ref.shape

@@ -2,11 +2,12 @@
 the installed Triton (on any machine: the layouts' conversions are checked at compile
 time), and, on a GPU (PACKKV_TEST_DEVICE=cuda), that it matches qk_reference."""
 
+import functools
 import importlib
 
 import pytest
 import torch
-from kernel_cases import DEVICE, Case, assert_product_close, kv_data
+from kernel_cases import DEVICE, Case, assert_product_close, kv_data, packed_side
 from sm90 import compile_sm90
 
 from packkv import PackKVConfig, compress_kv
@@ -18,9 +19,7 @@ needs_gluon = pytest.mark.skipif(gluon_kernel is None, reason="this Triton has n
 on_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs PACKKV_TEST_DEVICE=cuda")
 
 
-def packed_k(config: PackKVConfig = PackKVConfig(), batch=1, heads=2, head_dim=64, tokens=200, seed=0):
-    k, v = kv_data(Case(batch=batch, kv_heads=heads, head_dim=head_dim, tokens=tokens, config=config), seed)
-    return compress_kv(k, v, config).k
+packed_k = functools.partial(packed_side, "k")
 
 
 @needs_gluon

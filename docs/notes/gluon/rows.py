@@ -1,8 +1,14 @@
-"""The Gluon runners' output: a row printed as it is measured, the rows as JSON at the end."""
+"""The Gluon runners' variants and output: a row printed as it is measured, the rows as JSON at the end."""
 
+import importlib
 import json
 
 import torch
+
+
+def variant_modules(spec: str) -> dict:
+    """The modules named in ``spec`` (comma-separated, in packkv.kernels), by name."""
+    return {name: importlib.import_module(f"packkv.kernels.{name}") for name in filter(None, spec.split(","))}
 
 
 def report(rows: list[dict], row: dict) -> None:

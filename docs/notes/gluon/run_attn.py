@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_attention import SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph  # noqa: E402
-from rows import report, save  # noqa: E402
+from rows import report, save, variant_modules  # noqa: E402
 
 from packkv.codec import decode_tensor  # noqa: E402
 from packkv.kernels import _common, decode_attention, decode_attention_reference  # noqa: E402
@@ -36,8 +36,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
     library = module._gluon
-    variants = {"gluon": library} | {
-        name: importlib.import_module(f"packkv.kernels.{name}") for name in filter(None, args.variants.split(","))}
+    variants = {"gluon": library} | variant_modules(args.variants)
     data = torch.load(args.data)
     rows = []
     for shape in SHAPES:

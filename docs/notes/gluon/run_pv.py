@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 from bench_attention import (  # noqa: E402
     SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
-from rows import report, save  # noqa: E402
+from rows import report, save, variant_modules  # noqa: E402
 
 from packkv.kernels import _common, pv, pv_gluon, pv_reference  # noqa: E402
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
     module = importlib.import_module("packkv.kernels.pv")
-    variants = {name: importlib.import_module(f"packkv.kernels.{name}") for name in filter(None, args.variants.split(","))}
+    variants = variant_modules(args.variants)
     data = torch.load(args.data)
     rows = []
     defaults = dict(pv_gluon.SETTINGS)

@@ -35,8 +35,8 @@ from ..codec.format import PackedTensor
 from . import _common
 from .planes import side_pointers, split_tiles
 from .pv_gluon import (
-    MAX_PLANES, TILE_WORDS, _pow2_at_most, _slot_tokens, _tile_meta, _token_values, _unpacked_tile, _v_operand,
-    layouts,
+    MAX_PLANES, TILE_WORDS, _pow2_at_most, _slot_tokens, _tile_meta, _token_values, _unpack_indices, _unpacked_tile,
+    _v_operand, layouts, serves_format,
 )
 
 # (32-token words a program unpacks per step, register cap, warps) by head_dim. Measured on
@@ -66,9 +66,7 @@ def supported(k: PackedTensor, v: PackedTensor, group: int, tail_dtype: torch.dt
     tail of ``tail_dtype``, on ``device``: compiled CUDA and the format it unpacks."""
     return (
         _common.use_asm(device) and group <= 8 and tail_dtype in _common.QUERY_DTYPES
-        and all(p.grouping == "token" and p.pack_size == 32 and p.min_bits == 4
-                and p.head_dim in _common.KERNEL_HEAD_DIMS for p in (k, v))
-        and k.block_size == v.block_size and k.width_bound <= K_MAX_PLANES and v.width_bound <= MAX_PLANES
+        and serves_format(k, K_MAX_PLANES) and serves_format(v, MAX_PLANES) and k.block_size == v.block_size
     )
 
 
@@ -274,9 +272,7 @@ def _attention_kernel(
             vs_zb, vs_zh)
         qt = qs.to(gl.float16)
         qsum = gl.convert_layout(gl.sum(qt.to(gl.float32), axis=0), gl.SliceLayout(0, MMA))
-        mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
-        mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
-        q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
+        mw, mc, q3 = _unpack_indices(TW, D, META, WQ)
         token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, MMA)), TW)
         for tile in range(first, last):
             kwb, kmb, kfw = _tile_meta(k_wd, k_mn, k_off, tile, word_end, mw, mc, ks_wp, ks_wc, ks_mp, ks_mc, ks_op, TW)

@@ -49,11 +49,17 @@ TILE_WORDS = (1, 2, 4)  # the tiles the quad's lanes can hold
 MAX_PLANES = 4  # widths the nibble lanes hold
 
 
+def serves_format(p: PackedTensor, max_planes: int) -> bool:
+    """Whether the Gluon kernels' unpack (:func:`_unpacked_tile`) reads ``p``: token grouping,
+    packs of 32, 4-bit minima, widths of at most ``max_planes`` bits, a kernel head_dim."""
+    return (p.grouping == "token" and p.pack_size == 32 and p.min_bits == 4 and p.width_bound <= max_planes
+            and p.head_dim in _common.KERNEL_HEAD_DIMS)
+
+
 def supported(v: PackedTensor, group: int, device: torch.device) -> bool:
     """Whether this kernel serves ``v`` for GQA groups of ``group`` on ``device``: compiled
     CUDA, the format it unpacks, and at most 8 query heads a KV head (the B operand's width)."""
-    return (_common.use_asm(device) and v.grouping == "token" and v.pack_size == 32 and v.min_bits == 4
-            and v.width_bound <= MAX_PLANES and v.head_dim in _common.KERNEL_HEAD_DIMS and group <= 8)
+    return _common.use_asm(device) and serves_format(v, MAX_PLANES) and group <= 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,6 +130,15 @@ def _slot_tokens(k, TW: gl.constexpr):
 def _token_values(side_bh, tok, on, s_n, s_x, BLOCK: gl.constexpr):
     """A token-grouped side's step or minimum of tokens ``tok`` (0 where not ``on``), fp32."""
     return gl.load(side_bh + (tok // BLOCK) * s_n + (tok % BLOCK) * s_x, mask=on, other=0.0).to(gl.float32)
+
+
+@gluon.jit
+def _unpack_indices(TW: gl.constexpr, D: gl.constexpr, META: gl.constexpr, WQ: gl.constexpr):
+    """The words [TW] and channels [D] of the metadata's layout, and the nibble lanes [1, 4, 1]
+    of the word-lane layout: what :func:`_tile_meta` and :func:`_unpacked_tile` take."""
+    mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
+    mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
+    return mw, mc, gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
 
 
 @gluon.jit
@@ -212,9 +227,7 @@ def _pv_gluon_kernel(
         offsets_ptr, widths_ptr, mins_ptr, scale_ptr, zero_ptr, b, h, s_ob, s_oh, s_wb, s_wh, s_mb, s_mh, s_sb, s_sh, s_zb, s_zh)
     first, last, word_end = split_tiles(split, tiles_per_split, n_words, TW)
 
-    mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
-    mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
-    q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
+    mw, mc, q3 = _unpack_indices(TW, D, META, WQ)
     token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, WB)), TW)
     rows = gl.arange(0, 8, layout=gl.SliceLayout(0, WB))
     p_rows = p_ptr + b * s_pb + (h * GROUP + rows) * s_ph

@@ -155,9 +155,9 @@ def qk(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> torch.Ten
         on the CPU under ``TRITON_INTERPRET=1``); else :func:`qk_reference`.
     """
     check_packed(k, "k")
-    check_query(q, k)
+    group = check_query(q, k)
     if not use_triton(q.device):
         return qk_reference(q, k)
-    if _common.GLUON and _gluon is not None and _gluon.supported(k, q.shape[1] // k.heads, q.device):
+    if _common.GLUON and _gluon is not None and _gluon.supported(k, group, q.device):
         return _gluon.qk_gluon(q, k, splits)
     return qk_triton(q, k, splits)

@@ -24,7 +24,7 @@ from ..codec.format import PackedTensor
 from . import _common
 from .attention_gluon import K_MAX_PLANES, SHARED, _k_scores, _query_operand
 from .planes import packed_args, side_pointers, split_tiles
-from .pv_gluon import _slot_tokens, _tile_meta, _token_values, layouts
+from .pv_gluon import _slot_tokens, _tile_meta, _token_values, _unpack_indices, layouts, serves_format
 
 # (32-token words a program unpacks per step, programs a multiprocessor per resident one)
 # by head_dim. Measured on an H100 at T = 32K (docs/notes/gluon/run_qk.py, docs/benchmarks.md
@@ -37,8 +37,7 @@ SETTINGS = {64: (4, 2), 128: (4, 2)}
 def supported(k: PackedTensor, group: int, device: torch.device) -> bool:
     """Whether this kernel serves ``k`` for GQA groups of ``group`` on ``device``: compiled
     CUDA, the format it unpacks, and at most 8 query heads a KV head (the B operand's width)."""
-    return (_common.use_asm(device) and k.grouping == "token" and k.pack_size == 32 and k.min_bits == 4
-            and k.width_bound <= K_MAX_PLANES and k.head_dim in _common.KERNEL_HEAD_DIMS and group <= 8)
+    return _common.use_asm(device) and serves_format(k, K_MAX_PLANES) and group <= 8
 
 
 # Batch/head strides and counts change as a cache grows (see qk.py).
@@ -67,9 +66,7 @@ def _qk_gluon_kernel(
     qt = qs.to(gl.float16)
     qsum = gl.convert_layout(gl.sum(qt.to(gl.float32), axis=0), gl.SliceLayout(0, MMA))
     col_scale = gl.convert_layout(pw, gl.SliceLayout(0, MMA))  # undoes the query's powers of two
-    mw = gl.arange(0, TW, layout=gl.SliceLayout(1, META))
-    mc = gl.arange(0, D, layout=gl.SliceLayout(0, META))
-    q3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, WQ))), 0), 2)
+    mw, mc, q3 = _unpack_indices(TW, D, META, WQ)
     token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, MMA)), TW)
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     out_cols = out_ptr + b * s_outb + (h * GROUP + cols) * s_outh
