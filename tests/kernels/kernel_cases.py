@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -89,6 +89,16 @@ def packed_side(side: str, config: PackKVConfig = PackKVConfig(), batch=1, heads
     """Side ``side`` ("k" or "v") of random KV of that shape, compressed with ``config``."""
     k, v = kv_data(Case(batch=batch, kv_heads=heads, head_dim=head_dim, tokens=tokens, config=config), seed)
     return getattr(compress_kv(k, v, config), side)
+
+
+def spaced_steps(p):
+    """``p`` with its steps and zeros in storage that leaves a gap after each block's row
+    (equal values, not token after token: the kernels' general addressing)."""
+    def spaced(x: torch.Tensor) -> torch.Tensor:
+        wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
+        wide[..., : x.shape[-1]] = x
+        return wide[..., : x.shape[-1]]
+    return replace(p, scale=spaced(p.scale), zero=spaced(p.zero))
 
 
 def assert_product_close(out: torch.Tensor, ref: torch.Tensor, rtol: float = PRODUCT_RTOL) -> None:

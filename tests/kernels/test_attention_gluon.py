@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from kernel_cases import ATTENTION_TOL, DEVICE, Case, kv_data, make_case
+from kernel_cases import ATTENTION_TOL, DEVICE, Case, kv_data, make_case, spaced_steps
 from sm90 import compile_sm90
 
 from packkv import PackKVConfig, compress_kv
@@ -59,10 +59,12 @@ def test_compiles_for_sm90(head_dim, mask, tail):
     cap = gluon_kernel.SETTINGS[head_dim][1]
     result = compile_sm90(f"""
 from types import SimpleNamespace
+import torch
 from packkv.kernels import attention_gluon as g
 fn = g._attention_kernel
-k = SimpleNamespace(head_dim={head_dim}, block_size=64, width_bound=8)
-v = SimpleNamespace(head_dim={head_dim}, block_size=64, width_bound=4)
+steps = dict(scale=torch.empty(1, 1, 2, 64), zero=torch.empty(1, 1, 2, 64))
+k = SimpleNamespace(head_dim={head_dim}, block_size=64, width_bound=8, **steps)
+v = SimpleNamespace(head_dim={head_dim}, block_size=64, width_bound=4, **steps)
 _, _, options, consts, _ = g.launch_config(k, v, 4, {mask}, {tail == "bf16"})
 pointers = dict(q_ptr="*fp16", m_part="*fp32", l_part="*fp32", acc_part="*fp32", counter_ptr="*i32",
                 out_ptr="*fp16", kw_ptr="*i32", ko_ptr="*i32", kwd_ptr="*u8", kmn_ptr="*u8", ks_ptr="*fp16",
@@ -188,4 +190,15 @@ def test_plan_appends_merges_and_rearms(monkeypatch, splits, tokens):
 def test_real_kv_matches_reference(head_dim):
     q, kv = make_case(Case(kv_heads=2, group=4, head_dim=head_dim, tokens=160, real=True, config=PackKVConfig()))
     assert uses_gluon(q, kv)
+    assert_attention_close(decode_attention(q, kv), decode_attention_reference(q, kv))
+
+
+@on_gpu
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_spaced_steps_match_reference(head_dim):
+    """Steps and zeros not token after token: the general addressing (gaps hold NaN)."""
+    q, kv = make_case(Case(kv_heads=2, group=4, head_dim=head_dim, tokens=700, config=PackKVConfig()))
+    kv = with_tail(replace(kv, k=spaced_steps(kv.k), v=spaced_steps(kv.v)), 20, 4)
+    assert not gluon_kernel.flat_steps(kv.k) and uses_gluon(q, kv)
     assert_attention_close(decode_attention(q, kv), decode_attention_reference(q, kv))

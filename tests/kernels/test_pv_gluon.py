@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_cases import DEVICE, V_PRODUCT_RTOL, assert_product_close, kv_data, packed_side, Case
+from kernel_cases import DEVICE, V_PRODUCT_RTOL, Case, assert_product_close, kv_data, packed_side, spaced_steps
 from sm90 import compile_sm90
 
 from packkv import PackKVConfig, compress_kv
@@ -36,6 +36,14 @@ def test_serves_only_the_default_format():
 
 
 @needs_gluon
+def test_steps_token_after_token():
+    """The kernels address a token's step and zero at offset t where the storage allows."""
+    v = packed_v()
+    assert gluon_kernel.flat_steps(v)
+    assert not gluon_kernel.flat_steps(spaced_steps(v))
+
+
+@needs_gluon
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_compiles_for_sm90(head_dim):
     """Offline for an H100 with this Triton (sm90.py): tensor-core MMAs within the register
@@ -45,7 +53,7 @@ def test_compiles_for_sm90(head_dim):
 from packkv.kernels import pv_gluon as g
 fn = g._pv_gluon_kernel
 mma, word_lanes, meta, weights = g.layouts({head_dim}, {tile_words}, {head_dim // 32})
-consts = dict(GROUP=4, D={head_dim}, BLOCK=64, TW={tile_words}, NPLANES=3, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
+consts = dict(GROUP=4, D={head_dim}, BLOCK=64, TW={tile_words}, NPLANES=3, FLAT=True, MMA=mma, WQ=word_lanes, META=meta, WB=weights)
 pointers = {{"p_ptr": "*fp16", "part_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
             "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}}
 options = {{"num_warps": {head_dim // 32}, "maxnreg": {cap}}}
@@ -89,3 +97,15 @@ def test_real_kv_matches_reference():
     g = torch.Generator().manual_seed(1)
     p = torch.softmax(torch.randn(1, 9, packed.n_tokens, generator=g) * 3, -1).to(DEVICE)
     assert_product_close(gluon_kernel.pv_gluon(p, packed), pv_reference(p, packed), V_PRODUCT_RTOL)
+
+
+@on_gpu
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_spaced_steps_match_reference(head_dim):
+    """Steps and zeros not token after token: the general addressing (gaps hold NaN)."""
+    v = spaced_steps(packed_v(heads=3, head_dim=head_dim, tokens=700).to(DEVICE))
+    assert not gluon_kernel.flat_steps(v)
+    g = torch.Generator().manual_seed(3)
+    p = torch.softmax(torch.randn(1, 6, v.n_tokens, generator=g) * 3, -1).to(DEVICE)
+    assert_product_close(gluon_kernel.pv_gluon(p, v), pv_reference(p, v), V_PRODUCT_RTOL)

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_cases import DEVICE, Case, assert_product_close, kv_data, packed_side
+from kernel_cases import DEVICE, Case, assert_product_close, kv_data, packed_side, spaced_steps
 from sm90 import compile_sm90
 
 from packkv import PackKVConfig, compress_kv
@@ -43,7 +43,7 @@ def test_compiles_for_sm90(head_dim):
 from packkv.kernels import qk_gluon as g
 fn = g._qk_gluon_kernel
 mma, word_lanes, meta, _ = g.layouts({head_dim}, {tile_words}, {head_dim // 32})
-consts = dict(GROUP=4, D={head_dim}, BLOCK=64, TW={tile_words}, NPLANES=8, MMA=mma, WQ=word_lanes, META=meta)
+consts = dict(GROUP=4, D={head_dim}, BLOCK=64, TW={tile_words}, NPLANES=8, FLAT=True, MMA=mma, WQ=word_lanes, META=meta)
 pointers = {{"q_ptr": "*bf16", "out_ptr": "*fp32", "words_ptr": "*i32", "offsets_ptr": "*i32",
             "widths_ptr": "*u8", "mins_ptr": "*u8", "scale_ptr": "*fp16", "zero_ptr": "*fp16"}}
 options = {{"num_warps": {head_dim // 32}}}
@@ -97,3 +97,14 @@ def test_real_kv_matches_reference():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 9, 64, generator=g).to(DEVICE, torch.float16)
     assert_product_close(gluon_kernel.qk_gluon(q, packed), qk_reference(q, packed))
+
+
+@on_gpu
+@needs_gluon
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_spaced_steps_match_reference(head_dim):
+    """Steps and zeros not token after token: the general addressing (gaps hold NaN)."""
+    k = spaced_steps(packed_k(heads=3, head_dim=head_dim, tokens=700).to(DEVICE))
+    assert not gluon_kernel.flat_steps(k)
+    q = torch.randn(1, 6, head_dim, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.float16)
+    assert_product_close(gluon_kernel.qk_gluon(q, k), qk_reference(q, k))

@@ -39,7 +39,7 @@ def qk_gluon(q, k, tw: int, pps: int | None, resident: dict):
     out = torch.empty(batch, q_heads, k.n_tokens, dtype=torch.float32, device=q.device)
     compiled = _qk_gluon[(batch * k.heads, n_split)](
         q, out, *packed_args(k), *q.stride(), *out.stride(), k.heads, n_words, per_split,
-        GROUP=group, D=d, BLOCK=k.block_size, TW=tw, NPLANES=max(1, k.width_bound),
+        GROUP=group, D=d, BLOCK=k.block_size, TW=tw, NPLANES=max(1, k.width_bound), FLAT=pv_gluon.flat_steps(k),
         MMA=mma, WQ=wq, META=meta, num_warps=nw)
     if key not in resident:
         resident[key] = _common.resident_programs(compiled, torch.cuda.get_device_properties(q.device))

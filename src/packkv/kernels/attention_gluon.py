@@ -11,15 +11,17 @@ Per tile of ``TW`` 32-token words of the packed blocks:
   and repeat the work): the tile's maxima across the warps, then the weights times V's steps
   go to the B fragments in fp16.
 - **V.** ``P^T`` multiplies ``V^T`` unpacked straight into the A fragments
-  (pv_gluon._v_operand). K and V share the slot order of the unpack, so P needs no
+  (pv_gluon._tile_values). K and V share the slot order of the unpack, so P needs no
   permutation.
+- **Latency.** Both sides' plane words are loaded before either is unpacked, and each
+  tile's metadata a step ahead; the running sums keep 2 values a thread (_fold_rows).
 
 The fp16/bf16 tail takes a program of its own (the same MMAs on tiles loaded from it, the
 query split into two halves of the tail's dtype), and the last program of each (batch, KV
 head) to finish merges the splits. The kernel takes the arguments of
 decode_attention._decode_kernel, in the same order, so that DecodePlan launches either.
 
-Measured on an H100 (docs/benchmarks.md, "v9"). Serves token grouping on both sides, packs
+Measured on an H100 (docs/benchmarks.md, "v10"). Serves token grouping on both sides, packs
 of 32, 4-bit minima, K widths of at most 8 bits and V widths of at most 4, GQA groups of at
 most 8 (:func:`supported`); decode_attention.py's Triton kernel serves the rest and the CPU.
 """
@@ -35,8 +37,8 @@ from ..codec.format import PackedTensor
 from . import _common
 from .planes import side_pointers, split_tiles
 from .pv_gluon import (
-    MAX_PLANES, TILE_WORDS, _pow2_at_most, _slot_tokens, _tile_meta, _token_values, _unpack_indices, _unpacked_tile,
-    _v_operand, layouts, serves_format,
+    MAX_PLANES, TILE_WORDS, _pow2_at_most, _slot_tokens, _tile_meta, _tile_values, _tile_words, _token_values,
+    _unpack_indices, flat_steps, layouts, serves_format,
 )
 
 # (32-token words a program unpacks per step, register cap, warps) by head_dim. Measured on
@@ -94,11 +96,12 @@ def launch_config(k: PackedTensor, v: PackedTensor, group: int, has_mask: bool, 
                              order=[2, 1, 0])
     k_planes, v_planes = max(1, k.width_bound), max(1, v.width_bound)
     gp = 1 << (group - 1).bit_length()
+    flat = flat_steps(k) and flat_steps(v)
     constexprs = dict(GROUP=group, D=d, BLOCK=k.block_size, TW=tile_words, K_PLANES=k_planes, V_PLANES=v_planes,
                       HAS_MASK=has_mask, SPLIT_QUERY=split_query, GP=gp, CHUNK=MERGE_SPLITS // max(1, gp // warps),
-                      FAN_IN=FAN_IN, MMA=mma, WQ=word_lanes, META=meta, MERGE=merge)
+                      FAN_IN=FAN_IN, FLAT=flat, MMA=mma, WQ=word_lanes, META=meta, MERGE=merge)
     options = {"num_warps": warps, **({"maxnreg": cap} if cap else {})}
-    key = ("attention_gluon", d, group, k.block_size, tile_words, k_planes, v_planes, has_mask, split_query, cap)
+    key = ("attention_gluon", d, group, k.block_size, tile_words, k_planes, v_planes, has_mask, split_query, cap, flat)
     per_sm = 65536 // (32 * warps * cap) if cap else 2
     return tile_words, per_sm, options, constexprs, key
 
@@ -117,17 +120,38 @@ def _query_operand(q_ptr, b, h, s_qb, s_qh, s_qd, GROUP: gl.constexpr, D: gl.con
 
 
 @gluon.jit
-def _k_scores(words_ptr, s_word, wb, mb, fw, mc, q3, qt, qsum, sc, ze, tile_smem, WQ: gl.constexpr, A: gl.constexpr,
-              MMA: gl.constexpr, NT: gl.constexpr, D: gl.constexpr, NPLANES: gl.constexpr):
+def _k_scores(kt, qt, qsum, sc, ze, tile_smem, A: gl.constexpr, MMA: gl.constexpr, NT: gl.constexpr):
     """Scores S^T [NT, 8] = zero_t qsum + step_t (K . q^T) of one tile (MMA layout, rows the
-    fragment slots) for the fp16 query ``qt`` and its column sums: K^T unpacked, through
-    shared memory, read back transposed."""
-    kt = _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, NT, D, NPLANES)
+    fragment slots) for the fp16 query ``qt`` and its column sums, from the unpacked K^T
+    ``kt`` [D, NT] (pv_gluon._tile_values): through shared memory, read back transposed."""
     _barrier()  # the previous tile's reads are done
     tile_smem.store(kt)
     _barrier()
     sp = mma_v2(tile_smem.permute((1, 0)).load(A), qt, gl.zeros([NT, 8], gl.float32, MMA))
     return ze[:, None] * qsum[None, :] + sc[:, None] * sp
+
+
+@gluon.jit
+def _fold_rows(x):
+    """Scores-shaped ``x`` [NT, 8] (MMA layout) summed over the rows each thread holds (row
+    bit 3 and those above the warps'): [NT / (16 W), W, 8, 8] -> [W, 8, 8] for W warps, 2
+    values a thread where [NT, 8] takes 8. The running sums of the weights and of the
+    weights times V's zeros keep this form: 12 registers fewer, so that fewer spill."""
+    W: gl.constexpr = gl.num_warps()
+    t = gl.reshape(x, [x.shape[0] // (16 * W), W, 2, 8, 8])
+    return gl.sum(gl.sum(t, axis=2), axis=0)
+
+
+@gluon.jit
+def _fold_factor(alpha, acc):
+    """The per-column ``alpha`` [8] broadcast over :func:`_fold_rows`' form ``acc``."""
+    return gl.convert_layout(alpha, gl.SliceLayout(0, gl.SliceLayout(1, acc.type.layout)))[None, None, :]
+
+
+@gluon.jit
+def _folded_total(acc, L: gl.constexpr):
+    """The column sums [8] of :func:`_fold_rows`' form ``acc``, in layout ``L``."""
+    return gl.convert_layout(gl.sum(gl.sum(acc, axis=0), axis=0), L)
 
 
 @gluon.jit
@@ -234,7 +258,7 @@ def _attention_kernel(
     heads, n_words, tiles_per_split, n_pack_splits, n_split, tail_len, append, merge, qk_scale,
     GROUP: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, TW: gl.constexpr,
     K_PLANES: gl.constexpr, V_PLANES: gl.constexpr, HAS_MASK: gl.constexpr, SPLIT_QUERY: gl.constexpr,
-    GP: gl.constexpr, CHUNK: gl.constexpr, FAN_IN: gl.constexpr,
+    GP: gl.constexpr, CHUNK: gl.constexpr, FAN_IN: gl.constexpr, FLAT: gl.constexpr,
     MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, MERGE: gl.constexpr,
 ):
     """Grid (batch * kv_heads, n_split); split ``n_pack_splits`` (if any) takes the tail.
@@ -258,8 +282,8 @@ def _attention_kernel(
     m_i = gl.full([8], -float("inf"), gl.float32, gl.SliceLayout(0, MMA))
     # The sums of the weights and of the weights times V's zeros, by fragment slot, reduced
     # once at the end.
-    l_acc = gl.zeros([NT, 8], gl.float32, MMA)
-    z_acc = gl.zeros([NT, 8], gl.float32, MMA)
+    l_acc = _fold_rows(gl.zeros([NT, 8], gl.float32, MMA))
+    z_acc = _fold_rows(gl.zeros([NT, 8], gl.float32, MMA))
     acc = gl.zeros([D, 8], gl.float32, MMA)
     tile_smem = gl.allocate_shared_memory(gl.float16, [D, NT], SHARED)
     if split < n_pack_splits:
@@ -274,25 +298,39 @@ def _attention_kernel(
         qsum = gl.convert_layout(gl.sum(qt.to(gl.float32), axis=0), gl.SliceLayout(0, MMA))
         mw, mc, q3 = _unpack_indices(TW, D, META, WQ)
         token = _slot_tokens(gl.arange(0, NT, layout=gl.SliceLayout(1, MMA)), TW)
+        # Each tile's metadata is loaded a step ahead (masked past word_end), and both sides'
+        # plane words before either is unpacked: the loads' latency hides behind the work
+        # (docs/benchmarks.md, v10).
+        kwb_n, kmb_n, kfw_n = _tile_meta(k_wd, k_mn, k_off, first, word_end, mw, mc, ks_wp, ks_wc, ks_mp, ks_mc,
+                                         ks_op, TW)
+        vwb_n, vmb_n, vfw_n = _tile_meta(v_wd, v_mn, v_off, first, word_end, mw, mc, vs_wp, vs_wc, vs_mp, vs_mc,
+                                         vs_op, TW)
         for tile in range(first, last):
-            kwb, kmb, kfw = _tile_meta(k_wd, k_mn, k_off, tile, word_end, mw, mc, ks_wp, ks_wc, ks_mp, ks_mc, ks_op, TW)
-            vwb, vmb, vfw = _tile_meta(v_wd, v_mn, v_off, tile, word_end, mw, mc, vs_wp, vs_wc, vs_mp, vs_mc, vs_op, TW)
+            kwb, kmb, kfw = kwb_n, kmb_n, kfw_n
+            vwb, vmb, vfw = vwb_n, vmb_n, vfw_n
+            kwb_n, kmb_n, kfw_n = _tile_meta(k_wd, k_mn, k_off, tile + 1, word_end, mw, mc, ks_wp, ks_wc, ks_mp, ks_mc,
+                                             ks_op, TW)
+            vwb_n, vmb_n, vfw_n = _tile_meta(v_wd, v_mn, v_off, tile + 1, word_end, mw, mc, vs_wp, vs_wc, vs_mp, vs_mc,
+                                             vs_op, TW)
             tok = tile * NT + token
             on = tok < word_end * 32
-            sc = _token_values(k_sc, tok, on, ks_sn, ks_sx, BLOCK)
-            ze = _token_values(k_ze, tok, on, ks_zn, ks_zx, BLOCK)
-            vsc = _token_values(v_sc, tok, on, vs_sn, vs_sx, BLOCK)
-            vze = _token_values(v_ze, tok, on, vs_zn, vs_zx, BLOCK)
-            s = _k_scores(kw_ptr, ks_word, kwb, kmb, kfw, mc, q3, qt, qsum, sc, ze, tile_smem, WQ, A, MMA, NT, D,
-                          K_PLANES) * col_scale[None, :]
+            sc = _token_values(k_sc, tok, on, ks_sn, ks_sx, BLOCK, FLAT)
+            ze = _token_values(k_ze, tok, on, ks_zn, ks_zx, BLOCK, FLAT)
+            vsc = _token_values(v_sc, tok, on, vs_sn, vs_sx, BLOCK, FLAT)
+            vze = _token_values(v_ze, tok, on, vs_zn, vs_zx, BLOCK, FLAT)
+            k0, k1, k2, k3, k4, k5, k6, k7, km = _tile_words(kw_ptr, ks_word, kwb, kmb, kfw, mc, WQ, K_PLANES)
+            v0, v1, v2, v3, v4, v5, v6, v7, vm = _tile_words(vw_ptr, vs_word, vwb, vmb, vfw, mc, WQ, V_PLANES)
+            kt = _tile_values(k0, k1, k2, k3, k4, k5, k6, k7, km, q3, WQ, NT, D, K_PLANES)
+            s = _k_scores(kt, qt, qsum, sc, ze, tile_smem, A, MMA, NT) * col_scale[None, :]
             p, m_i, alpha = _softmax_step(_masked(s, mask_bh, tok, on, s_mkt, HAS_MASK), m_i)
             # V[t, c] = zero_t + step_t (m_c + u_tc): the zeros ride with the weights,
             # sum_t p_t zero_t, and the weights times the steps go to the tensor cores.
-            l_acc = l_acc * alpha[None, :] + p
-            z_acc = z_acc * alpha[None, :] + p * vze[:, None]
+            l_acc = l_acc * _fold_factor(alpha, l_acc) + _fold_rows(p)
+            z_acc = z_acc * _fold_factor(alpha, z_acc) + _fold_rows(p * vze[:, None])
             unit = _pow2_at_most(gl.max(vsc, axis=0))
             weights = gl.convert_layout((p * (vsc * (WEIGHT_TOP / unit))[:, None]).to(gl.float16), B)
-            vt = _v_operand(vw_ptr, vs_word, vwb, vmb, vfw, mc, q3, WQ, A, NT, D, V_PLANES)
+            vt = gl.convert_layout(_tile_values(v0, v1, v2, v3, v4, v5, v6, v7, vm, q3, WQ, NT, D, V_PLANES), A,
+                                   assert_trivial=True)
             acc = acc * alpha[None, :] + mma_v2(vt, weights, gl.zeros([D, 8], gl.float32, MMA)) * (unit / WEIGHT_TOP)
     else:
         # The tail, in its dtype: the query as two halves of it (exact enough for either).
@@ -322,17 +360,17 @@ def _attention_kernel(
             s = s * col_scale[None, :]
             s = _masked(s, mask_bh, n_words * 32 + start + s_tok, start + s_tok < tail_len, s_mkt, HAS_MASK)
             p, m_i, alpha = _softmax_step(s, m_i)
-            l_acc = l_acc * alpha[None, :] + p
+            l_acc = l_acc * _fold_factor(alpha, l_acc) + _fold_rows(p)
             vt = gl.load(vt_bh + (start + v_tok)[None, :] * s_vtt + v_chan[:, None] * s_vtd,
                          mask=(start + v_tok < tail_len)[None, :], other=0.0)
             acc = acc * alpha[None, :] + mma_v2(vt, gl.convert_layout(p.to(dt), B), gl.zeros([D, 8], gl.float32, MMA))
     # Partials in _decode_kernel's order: query row r = b * q_heads + h * GROUP + g, index
     # r * n_split + split; acc [.., D].
-    acc += gl.sum(z_acc, axis=0)[None, :]
+    acc += _folded_total(z_acc, gl.SliceLayout(0, MMA))[None, :]
     rows = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     row_ids = (b * heads * GROUP + h * GROUP + rows) * n_split + split
     gl.store(m_part + row_ids, m_i, mask=rows < GROUP)
-    gl.store(l_part + row_ids, gl.sum(l_acc, axis=0), mask=rows < GROUP)
+    gl.store(l_part + row_ids, _folded_total(l_acc, gl.SliceLayout(0, MMA)), mask=rows < GROUP)
     chan = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     col_ids = (b * heads * GROUP + h * GROUP + cols) * n_split + split

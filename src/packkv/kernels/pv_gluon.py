@@ -22,7 +22,8 @@ version, each plane word was loaded by 4 lanes and its metadata converted for ea
 slower in the fused attention, docs/notes/kernels.md.) Only the widths' prefix sum and the
 weights go through shared memory (1 KB a tile).
 
-Measured on an H100 (docs/benchmarks.md, "v9"): 1.3-1.9x faster than the Triton kernel of pv.py.
+Measured on an H100 (docs/notes/gluon/run_pv.py, docs/benchmarks.md "v10"): 1.3-2.1x faster than
+the Triton kernel of pv.py.
 It serves the default format only: token grouping, packs of 32, 4-bit minima and V widths of
 at most 4 bits (:func:`supported`); pv.py's Triton kernel serves the rest and the CPU.
 """
@@ -126,9 +127,19 @@ def _slot_tokens(k, TW: gl.constexpr):
     return 32 * w + 8 * (k & 1) + 16 * ((k >> 3) & 1) + 4 * ((k >> 4) & 1) + n
 
 
+def flat_steps(p: PackedTensor) -> bool:
+    """Whether ``p``'s steps and zeros lie token after token, as the cache stores them
+    (contiguous in their last two dimensions): token t's at offset t of its (batch, head)."""
+    return all(x.stride(-1) == 1 and x.stride(-2) == p.block_size for x in (p.scale, p.zero))
+
+
 @gluon.jit
-def _token_values(side_bh, tok, on, s_n, s_x, BLOCK: gl.constexpr):
-    """A token-grouped side's step or minimum of tokens ``tok`` (0 where not ``on``), fp32."""
+def _token_values(side_bh, tok, on, s_n, s_x, BLOCK: gl.constexpr, FLAT: gl.constexpr):
+    """A token-grouped side's step or zero of tokens ``tok`` (0 where not ``on``), fp32;
+    ``FLAT``: stored token after token (:func:`flat_steps`), which saves the block and row
+    arithmetic (~8% of the attention's instructions)."""
+    if FLAT:
+        return gl.load(side_bh + tok, mask=on, other=0.0).to(gl.float32)
     return gl.load(side_bh + (tok // BLOCK) * s_n + (tok % BLOCK) * s_x, mask=on, other=0.0).to(gl.float32)
 
 
@@ -155,31 +166,90 @@ def _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_w
 
 
 @gluon.jit
-def _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, NT: gl.constexpr, D: gl.constexpr,
-                   NPLANES: gl.constexpr):
-    """The tile's values ``m + u`` as fp16 [D, NT] (channels, fragment slots), in the word-lane
-    layout's register order, from :func:`_tile_meta`'s loads. Planes 0..3 in nibble lanes,
-    planes 4..7 (``NPLANES`` > 4) ORed into the bytes they split into."""
+def _select55(a, b):
+    """The bits of ``a`` where 0x55555555 has ones, of ``b`` elsewhere: one LOP3 (ptxas makes
+    two of ``(a & m) | (b & ~m)``)."""
+    return gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x55555555, 0xE4;", "=r,r,r", [a, b], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _select33(a, b):
+    """:func:`_select55` with the mask 0x33333333."""
+    return gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x33333333, 0xE4;", "=r,r,r", [a, b], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def _nibble_lanes(x0, x1, x2, x3):
+    """Planes 0..3 of words [TW, 1, D] as their 4 nibble lanes [TW, 4, D]: lane r holds bit p
+    of token 4 j + r at bit 4 j + p. A 4 x 32 bit-matrix transpose in two swaps (bit pairs,
+    then pairs of pairs), 16 instructions where a shift and a mask a plane and a lane take
+    28: 14% of the attention's loop at head_dim 128 (docs/benchmarks.md, v10)."""
+    a = _select55(x0, x1 << 1)  # 2-bit fields (planes 0, 1) of tokens 2 i
+    b = _select55(x0 >> 1, x1)  # of tokens 2 i + 1
+    c = _select55(x2, x3 << 1)  # planes 2, 3
+    d = _select55(x2 >> 1, x3)
+    t = gl.join(gl.join(_select33(a, c << 2), _select33(b, d << 2)),
+                gl.join(_select33(a >> 2, c), _select33(b >> 2, d)))  # [TW, 1, D, i, o]: lane 2 o + i
+    return gl.reshape(gl.permute(t, (0, 1, 4, 3, 2)), [x0.shape[0], 4, x0.shape[2]])
+
+
+@gluon.jit
+def _tile_words(words_ptr, s_word, wb, mb, fw, mc, WQ: gl.constexpr, NPLANES: gl.constexpr):
+    """Issue the loads of a tile's plane words from :func:`_tile_meta`'s loads: planes 0..7
+    [TW, 1, D] in the word-lane layout (0 past ``NPLANES`` or a channel's width), and the
+    channels' minima [TW, 1, D]. Apart from :func:`_tile_values`, so that a kernel can issue
+    them well before it needs them."""
     shift = ((mc % 2) * 4)[None, :]
     w = (wb.to(gl.int32) >> shift) & 15
     m = (mb.to(gl.int32) >> shift) & 15
     base = fw[:, None] + gl.associative_scan(w, 1, _add) - w  # plane 0 of each channel
     WQ2: gl.constexpr = gl.SliceLayout(1, WQ)
-    base3 = gl.expand_dims(gl.convert_layout(base, WQ2), 1)
+    ptr = words_ptr + gl.expand_dims(gl.convert_layout(base, WQ2), 1).to(gl.int64) * s_word
     w3 = gl.expand_dims(gl.convert_layout(w, WQ2), 1)
     m3 = gl.expand_dims(gl.convert_layout(m, WQ2), 1)
-    ptr = words_ptr + base3.to(gl.int64) * s_word
-    n = gl.zeros([wb.shape[0], 4, D], gl.int32, WQ)
-    for pl in gl.static_range(min(NPLANES, 4)):
-        x = gl.load(ptr + pl * s_word, mask=w3 > pl, other=0)
-        n = n | (((x >> q3) & 0x11111111) << pl)
+    x0 = gl.load(ptr, mask=w3 > 0, other=0)
+    z = gl.zeros_like(x0)
+    x1 = gl.load(ptr + s_word, mask=w3 > 1, other=0) if NPLANES > 1 else z
+    x2 = gl.load(ptr + 2 * s_word, mask=w3 > 2, other=0) if NPLANES > 2 else z
+    x3 = gl.load(ptr + 3 * s_word, mask=w3 > 3, other=0) if NPLANES > 3 else z
+    x4 = gl.load(ptr + 4 * s_word, mask=w3 > 4, other=0) if NPLANES > 4 else z
+    x5 = gl.load(ptr + 5 * s_word, mask=w3 > 5, other=0) if NPLANES > 5 else z
+    x6 = gl.load(ptr + 6 * s_word, mask=w3 > 6, other=0) if NPLANES > 6 else z
+    x7 = gl.load(ptr + 7 * s_word, mask=w3 > 7, other=0) if NPLANES > 7 else z
+    return x0, x1, x2, x3, x4, x5, x6, x7, m3
+
+
+@gluon.jit
+def _byte_plane(e, o, x, q3, P: gl.constexpr):
+    """Plane ``P`` (4..7) of words ``x`` ORed into the even and odd nibbles' bytes."""
+    return e | (((x >> q3) & 0x01010101) << P), o | (((x >> (q3 + 4)) & 0x01010101) << P)
+
+
+@gluon.jit
+def _tile_values(x0, x1, x2, x3, x4, x5, x6, x7, m3, q3, WQ: gl.constexpr, NT: gl.constexpr, D: gl.constexpr,
+                 NPLANES: gl.constexpr):
+    """The tile's values ``m + u`` as fp16 [D, NT] (channels, fragment slots), in the word-lane
+    layout's register order, from :func:`_tile_words`' loads. Planes 0..3 in nibble lanes,
+    planes 4..7 (``NPLANES`` > 4) ORed into the bytes they split into."""
+    TW: gl.constexpr = x0.shape[0]
+    if TW == 4:  # the quad's lanes on the words: each thread holds all 4 nibble lanes
+        n = gl.convert_layout(_nibble_lanes(x0, x1, x2, x3), WQ, assert_trivial=True)
+    else:
+        n = ((x0 >> q3) & 0x11111111) | (((x1 >> q3) & 0x11111111) << 1) \
+            | (((x2 >> q3) & 0x11111111) << 2) | (((x3 >> q3) & 0x11111111) << 3)
     # even nibbles (tokens 8 k + q) and odd ones (8 k + 4 + q) as bytes
     e = n & 0x0F0F0F0F
     o = (n >> 4) & 0x0F0F0F0F
-    for pl in gl.static_range(4, NPLANES):
-        x = gl.load(ptr + pl * s_word, mask=w3 > pl, other=0)
-        e = e | (((x >> q3) & 0x01010101) << pl)
-        o = o | (((x >> (q3 + 4)) & 0x01010101) << pl)
+    if NPLANES > 4:
+        e, o = _byte_plane(e, o, x4, q3, 4)
+    if NPLANES > 5:
+        e, o = _byte_plane(e, o, x5, q3, 5)
+    if NPLANES > 6:
+        e, o = _byte_plane(e, o, x6, q3, 6)
+    if NPLANES > 7:
+        e, o = _byte_plane(e, o, x7, q3, 7)
     hbits = (1024 - m3).to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     sub = hbits | (hbits << 16)
     e0, e1, e2, e3 = _bytes_f16(e, sub)
@@ -187,11 +257,18 @@ def _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, NT: 
     # dims [w, n, D, x, y, z]: byte z + 2 y of the even (x = 0) or odd nibbles, token
     # 32 w + 8 z + 16 y + 4 x + n; then n = n_lo + 2**NLO n_hi, and the fragment slots
     # [D, (n_hi, x, y, w, n_lo, z)] (_slot_tokens)
-    TW: gl.constexpr = wb.shape[0]
     NLO: gl.constexpr = 2 - TW // 2
     t = gl.join(gl.join(gl.join(e0, o0), gl.join(e2, o2)), gl.join(gl.join(e1, o1), gl.join(e3, o3)))
     t = gl.reshape(t, [TW, 4 >> NLO, 1 << NLO, D, 2, 2, 2])
     return gl.reshape(gl.permute(t, (3, 1, 4, 5, 0, 2, 6)), [D, NT])
+
+
+@gluon.jit
+def _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, NT: gl.constexpr, D: gl.constexpr,
+                   NPLANES: gl.constexpr):
+    """:func:`_tile_values` of :func:`_tile_words`: the tile's values [D, NT] from its metadata."""
+    x0, x1, x2, x3, x4, x5, x6, x7, m3 = _tile_words(words_ptr, s_word, wb, mb, fw, mc, WQ, NPLANES)
+    return _tile_values(x0, x1, x2, x3, x4, x5, x6, x7, m3, q3, WQ, NT, D, NPLANES)
 
 
 @gluon.jit
@@ -212,7 +289,7 @@ def _pv_gluon_kernel(
     s_pb, s_ph, s_pt, s_partb, s_parth, s_parts,
     heads, n_words, tiles_per_split,
     GROUP: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, TW: gl.constexpr, NPLANES: gl.constexpr,
-    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, WB: gl.constexpr,
+    FLAT: gl.constexpr, MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr, WB: gl.constexpr,
 ):
     """Grid (batch * kv_heads, splits); a program writes its split's partial sum ``[GROUP, D]``
     (pv.py's ``_pv_kernel`` contract)."""
@@ -238,8 +315,8 @@ def _pv_gluon_kernel(
         wb, mb, fw = _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
         tok = tile * NT + token
         on = tok < word_end * 32
-        sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK)
-        ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK)
+        sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK, FLAT)
+        ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK, FLAT)
         p = gl.load(p_rows[None, :] + tok[:, None] * s_pt, mask=row_on[None, :] & on[:, None], other=0.0).to(gl.float32)
         vt = _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, A, NT, D, NPLANES)
         # V[t, c] = zero_t + scale_t (m_c + u_tc): the weights p * scale go to the tensor
@@ -272,7 +349,8 @@ def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> tor
     tile_words, cap = SETTINGS[d]
     mma, word_lanes, meta, weights = layouts(d, tile_words, d // 32)
     planes = max(1, v.width_bound)
-    key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap)
+    flat = flat_steps(v)
+    key = ("pv_gluon", p.device, d, group, v.block_size, planes, tile_words, cap, flat)
     # One wave: the programs a multiprocessor holds (4 at head_dim 128 under the cap, 8 at
     # 64), counted on the compiled kernel.
     per_sm = _common.programs_per_sm(8 if d == 64 else 4, key)
@@ -280,7 +358,7 @@ def pv_gluon(p: torch.Tensor, v: PackedTensor, splits: int | None = None) -> tor
     partial = torch.empty(batch, q_heads, n_split, d, dtype=torch.float32, device=p.device)
     compiled = _pv_gluon_kernel[(batch * v.heads, n_split)](
         p, partial, *packed_args(v), *p.stride(), *partial.stride()[:3], v.heads, n_words, per_split,
-        GROUP=group, D=d, BLOCK=v.block_size, TW=tile_words, NPLANES=planes,
+        GROUP=group, D=d, BLOCK=v.block_size, TW=tile_words, NPLANES=planes, FLAT=flat,
         MMA=mma, WQ=word_lanes, META=meta, WB=weights, num_warps=d // 32, **({"maxnreg": cap} if cap else {}),
     )
     _common.count_resident(key, compiled, p.device)

@@ -8,7 +8,8 @@ operand. An MMA fragment spreads the channels a score sums over across the 4 lan
 quad, which the unpack does not give; hence the shared memory (docs/notes/kernels.md,
 "Gluon"). The scores go out in packed token order, each fragment slot to its token.
 
-Measured on an H100 (docs/benchmarks.md, v9): 1.2-1.3x faster than qk.py's Triton kernel.
+Measured on an H100 (docs/notes/gluon/run_qk.py, docs/benchmarks.md v10): 1.1-1.4x faster than
+qk.py's Triton kernel.
 It serves the default format (:func:`supported`): token grouping, packs of 32, 4-bit
 minima, widths of at most 8 bits, GQA groups of at most 8; qk.py's Triton kernel serves the
 rest and the CPU.
@@ -24,7 +25,9 @@ from ..codec.format import PackedTensor
 from . import _common
 from .attention_gluon import K_MAX_PLANES, SHARED, _k_scores, _query_operand
 from .planes import packed_args, side_pointers, split_tiles
-from .pv_gluon import _slot_tokens, _tile_meta, _token_values, _unpack_indices, layouts, serves_format
+from .pv_gluon import (
+    _slot_tokens, _tile_meta, _token_values, _unpack_indices, _unpacked_tile, flat_steps, layouts, serves_format,
+)
 
 # (32-token words a program unpacks per step, programs a multiprocessor per resident one)
 # by head_dim. Measured on an H100 at T = 32K (docs/notes/gluon/run_qk.py, docs/benchmarks.md
@@ -50,7 +53,7 @@ def _qk_gluon_kernel(
     s_qb, s_qh, s_qd, s_outb, s_outh, s_outt,
     heads, n_words, tiles_per_split,
     GROUP: gl.constexpr, D: gl.constexpr, BLOCK: gl.constexpr, TW: gl.constexpr, NPLANES: gl.constexpr,
-    MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr,
+    FLAT: gl.constexpr, MMA: gl.constexpr, WQ: gl.constexpr, META: gl.constexpr,
 ):
     """Grid (batch * kv_heads, splits); a program writes the fp32 scores of its split's tokens."""
     A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -75,10 +78,10 @@ def _qk_gluon_kernel(
         wb, mb, fw = _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
         tok = tile * NT + token
         on = tok < word_end * 32
-        sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK)
-        ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK)
-        scores = _k_scores(words_ptr, s_word, wb, mb, fw, mc, q3, qt, qsum, sc, ze, tile_smem, WQ, A, MMA, NT, D,
-                           NPLANES) * col_scale[None, :]
+        sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK, FLAT)
+        ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK, FLAT)
+        kt = _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, NT, D, NPLANES)
+        scores = _k_scores(kt, qt, qsum, sc, ze, tile_smem, A, MMA, NT) * col_scale[None, :]
         gl.store(out_cols[None, :] + tok[:, None] * s_outt, scores, mask=on[:, None] & (cols < GROUP)[None, :])
 
 
@@ -97,13 +100,14 @@ def qk_gluon(q: torch.Tensor, k: PackedTensor, splits: int | None = None) -> tor
     warps = d // 32
     mma, word_lanes, meta, _ = layouts(d, tile_words, warps)
     planes = max(1, k.width_bound)
-    key = ("qk_gluon", q.device, d, group, k.block_size, planes, tile_words)
+    flat = flat_steps(k)
+    key = ("qk_gluon", q.device, d, group, k.block_size, planes, tile_words, flat)
     resident = _common.programs_per_sm(5 if d == 128 else 10, key)
     per_sm = resident if _common.PROGRAMS_PER_SM is not None else waves * resident
     per_split, n_split = _common.tile_splits(batch * k.heads, n_words, tile_words, q.device, splits, per_sm)
     compiled = _qk_gluon_kernel[(batch * k.heads, n_split)](
         q, out, *packed_args(k), *q.stride(), *out.stride(), k.heads, n_words, per_split,
-        GROUP=group, D=d, BLOCK=k.block_size, TW=tile_words, NPLANES=planes,
+        GROUP=group, D=d, BLOCK=k.block_size, TW=tile_words, NPLANES=planes, FLAT=flat,
         MMA=mma, WQ=word_lanes, META=meta, num_warps=warps,
     )
     _common.count_resident(key, compiled, q.device)
