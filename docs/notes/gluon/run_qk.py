@@ -3,12 +3,16 @@ words and one or two waves of programs, against qk_reference and qk.py's Triton 
 bench_attention.py's real-KV caches, T = 32K. GPU only. (The prototype it first timed is at
 commit 25bd50c, docs/notes/gluon/qk_gluon.py.)
 
-    PYTHONPATH=src python3 docs/notes/gluon/run_qk.py [--json out.json]
+    PYTHONPATH=src python3 docs/notes/gluon/run_qk.py [--variants _exp_a,_exp_b] [--json out.json]
+
+A variant is a module with qk_gluon's interface (a copy of it with one change, written next
+to it in src/packkv/kernels/), timed through qk() at its own settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -20,7 +24,7 @@ sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
 from bench_attention import (  # noqa: E402
     SHAPES, build_cache, encode_chunk, real_chunk, rel_err, rotation, time_graph,
 )
-from rows import report, save  # noqa: E402
+from rows import report, save, variant_modules  # noqa: E402
 
 from packkv.kernels import _common, pv_gluon, qk, qk_reference  # noqa: E402
 from packkv.kernels.qk_gluon import _qk_gluon_kernel as _qk_gluon  # noqa: E402
@@ -50,9 +54,13 @@ def qk_gluon(q, k, tw: int, pps: int | None, resident: dict):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=".kvdata/smollm2_kv.pt")
+    parser.add_argument("--variants", default="", help="comma-separated module names in packkv.kernels")
     parser.add_argument("--json")
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
+    module = importlib.import_module("packkv.kernels.qk")
+    library = module._gluon
+    variants = variant_modules(args.variants)
     data = torch.load(args.data)
     rows, resident = [], {}
     for shape in SHAPES:
@@ -75,6 +83,11 @@ def main() -> None:
                        triton_us=time_graph(lambda: [qk(q, s.k) for s in sets], args.reps) * 1e6 / len(sets))
             _common.GLUON = True
             row["library_us"] = time_graph(lambda: [qk(q, s.k) for s in sets], args.reps) * 1e6 / len(sets)
+            for name, variant in variants.items():  # through qk(), at the variant's settings
+                module._gluon = variant
+                row[f"{name}_err"] = rel_err(qk(q, kv.k), qk_reference(q, kv.k))
+                row[f"{name}_us"] = time_graph(lambda: [qk(q, s.k) for s in sets], args.reps) * 1e6 / len(sets)
+            module._gluon = library
             for tw in (2, 4):
                 qk_gluon(q, sets[0].k, tw, None, resident)
                 for mult in (1, 2):
