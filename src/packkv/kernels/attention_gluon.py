@@ -138,8 +138,11 @@ def _fold_rows(x):
     values a thread where [NT, 8] takes 8. The running sums of the weights and of the
     weights times V's zeros keep this form: 12 registers fewer, so that fewer spill."""
     W: gl.constexpr = gl.num_warps()
-    t = gl.reshape(x, [x.shape[0] // (16 * W), W, 2, 8, 8])
-    return gl.sum(gl.sum(t, axis=2), axis=0)
+    if x.shape[0] >= 16 * W:
+        folded = gl.sum(gl.sum(gl.reshape(x, [x.shape[0] // (16 * W), W, 2, 8, 8]), axis=2), axis=0)
+    else:  # 1-word tiles: fewer rows than 16 a warp (the warps past them repeat the rows)
+        folded = gl.sum(gl.reshape(x, [x.shape[0] // 16, 2, 8, 8]), axis=1)
+    return folded
 
 
 @gluon.jit
