@@ -38,7 +38,7 @@ from . import _common
 from .planes import side_pointers, split_tiles
 from .pv_gluon import (
     MAX_PLANES, TILE_WORDS, _pow2_at_most, _slot_tokens, _tile_meta, _tile_values, _tile_words, _token_values,
-    _unpack_indices, flat_steps, layouts, serves_format,
+    _unpack_indices, _v_operand, flat_steps, layouts, serves_format,
 )
 
 # (32-token words a program unpacks per step, register cap, warps) by head_dim. Measured on
@@ -328,12 +328,12 @@ def _attention_kernel(
             p, m_i, alpha = _softmax_step(_masked(s, mask_bh, tok, on, s_mkt, HAS_MASK), m_i)
             # V[t, c] = zero_t + step_t (m_c + u_tc): the zeros ride with the weights,
             # sum_t p_t zero_t, and the weights times the steps go to the tensor cores.
-            l_acc = l_acc * _fold_factor(alpha, l_acc) + _fold_rows(p)
-            z_acc = z_acc * _fold_factor(alpha, z_acc) + _fold_rows(p * vze[:, None])
+            fold_alpha = _fold_factor(alpha, l_acc)  # l_acc and z_acc share a layout
+            l_acc = l_acc * fold_alpha + _fold_rows(p)
+            z_acc = z_acc * fold_alpha + _fold_rows(p * vze[:, None])
             unit = _pow2_at_most(gl.max(vsc, axis=0))
             weights = gl.convert_layout((p * (vsc * (WEIGHT_TOP / unit))[:, None]).to(gl.float16), B)
-            vt = gl.convert_layout(_tile_values(v0, v1, v2, v3, v4, v5, v6, v7, vm, q3, WQ, NT, D, V_PLANES), A,
-                                   assert_trivial=True)
+            vt = _v_operand(_tile_values(v0, v1, v2, v3, v4, v5, v6, v7, vm, q3, WQ, NT, D, V_PLANES), A)
             acc = acc * alpha[None, :] + mma_v2(vt, weights, gl.zeros([D, 8], gl.float32, MMA)) * (unit / WEIGHT_TOP)
     else:
         # The tail, in its dtype: the query as two halves of it (exact enough for either).

@@ -272,11 +272,9 @@ def _unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, NT: 
 
 
 @gluon.jit
-def _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ: gl.constexpr, A: gl.constexpr,
-               NT: gl.constexpr, D: gl.constexpr, NPLANES: gl.constexpr):
-    """V^T [D, NT] of one tile as A fragments: :func:`_unpacked_tile` already holds them."""
-    return gl.convert_layout(_unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, NT, D, NPLANES), A,
-                             assert_trivial=True)
+def _v_operand(values, A: gl.constexpr):
+    """V^T [D, NT] of one tile (:func:`_tile_values`) as A fragments: the unpack already holds them."""
+    return gl.convert_layout(values, A, assert_trivial=True)
 
 
 # Batch/head strides and counts change as a cache grows (see pv.py).
@@ -318,7 +316,7 @@ def _pv_gluon_kernel(
         sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK, FLAT)
         ze = _token_values(zero_bh, tok, on, s_zn, s_zx, BLOCK, FLAT)
         p = gl.load(p_rows[None, :] + tok[:, None] * s_pt, mask=row_on[None, :] & on[:, None], other=0.0).to(gl.float32)
-        vt = _v_operand(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, A, NT, D, NPLANES)
+        vt = _v_operand(_unpacked_tile(words_ptr, s_word, wb, mb, fw, mc, q3, WQ, NT, D, NPLANES), A)
         # V[t, c] = zero_t + scale_t (m_c + u_tc): the weights p * scale go to the tensor
         # cores in fp16 after dividing each row by a power of two (pv.py's contract).
         z_acc += p * ze[:, None]
