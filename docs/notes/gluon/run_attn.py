@@ -1,5 +1,5 @@
 """A/B timing of variants of the Gluon decode attention (kernels/attention_gluon.py) through
-decode_attention, against the Triton kernel and SDPA, T = 32K with the 32-token fp16 tail,
+decode_attention, against the Triton kernel and SDPA, T = 32K (or --tokens) with the 32-token fp16 tail,
 in one run. A variant is a module with attention_gluon's interface (a copy of it with one
 change, written next to it in src/packkv/kernels/); GPU only.
 
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--tile-words", default="", help="comma-separated tile words to sweep (folded)")
     parser.add_argument("--json")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--tokens", type=int, default=32768, help="packed tokens of the cache (a multiple of 32)")
     args = parser.parse_args()
     library = module._gluon
     variants = {"gluon": library} | variant_modules(args.variants)
@@ -43,11 +44,11 @@ def main() -> None:
         k, v = (t.cuda() for t in real_chunk(data, shape))
         chunk = encode_chunk(k, v)
         for batch in (1, 8):
-            kv = build_cache(chunk, batch, 32768)
+            kv = build_cache(chunk, batch, args.tokens)
             sets = rotation(kv)
             q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=torch.float16)
             ref = decode_attention_reference(q, kv)
-            row = dict(model=shape.name, batch=batch, tokens=32768)
+            row = dict(model=shape.name, batch=batch, tokens=args.tokens)
 
             def attention_us() -> float:
                 """µs a call of decode_attention under the settings as they stand, each set in turn."""
@@ -80,7 +81,7 @@ def main() -> None:
             _common.GLUON = False
             row["triton_us"] = attention_us()
             _common.GLUON = True
-            copies = 32768 // chunk.k.n_tokens
+            copies = args.tokens // chunk.k.n_tokens
             kd = torch.cat([decode_tensor(chunk.k).half().repeat(batch, 1, copies, 1), kv.k_tail], 2)
             vd = torch.cat([decode_tensor(chunk.v).half().repeat(batch, 1, copies, 1), kv.v_tail], 2)
             dense = [(kd, vd)] + [(kd.clone(), vd.clone()) for _ in range(len(sets) - 1)]

@@ -22,7 +22,7 @@ version, each plane word was loaded by 4 lanes and its metadata converted for ea
 slower in the fused attention, docs/notes/kernels.md.) Only the widths' prefix sum and the
 weights go through shared memory (1 KB a tile).
 
-Measured on an H100 (docs/notes/gluon/run_pv.py, docs/benchmarks.md "v10"): 1.3-2.1x faster than
+Measured on an H100 (docs/notes/gluon/run_pv.py, docs/benchmarks.md "v11"): 1.35-2.3x faster than
 the Triton kernel of pv.py.
 It serves the default format only: token grouping, packs of 32, 4-bit minima and V widths of
 at most 4 bits (:func:`supported`); pv.py's Triton kernel serves the rest and the CPU.
@@ -309,8 +309,13 @@ def _pv_gluon_kernel(
     row_on = rows < GROUP
     z_acc = gl.zeros([NT, 8], gl.float32, WB)  # sum of p * zero, reduced once at the end
     acc = gl.zeros([D, 8], gl.float32, MMA)
+    # Each tile's metadata is loaded a step ahead (masked past word_end), so that its latency
+    # and that of the plane words' addresses do not add up (docs/benchmarks.md, v11).
+    wb_n, mb_n, fw_n = _tile_meta(widths_bh, mins_bh, offsets_bh, first, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
     for tile in range(first, last):
-        wb, mb, fw = _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
+        wb, mb, fw = wb_n, mb_n, fw_n
+        wb_n, mb_n, fw_n = _tile_meta(widths_bh, mins_bh, offsets_bh, tile + 1, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc,
+                                      s_op, TW)
         tok = tile * NT + token
         on = tok < word_end * 32
         sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK, FLAT)

@@ -8,7 +8,7 @@ operand. An MMA fragment spreads the channels a score sums over across the 4 lan
 quad, which the unpack does not give; hence the shared memory (docs/notes/kernels.md,
 "Gluon"). The scores go out in packed token order, each fragment slot to its token.
 
-Measured on an H100 (docs/notes/gluon/run_qk.py, docs/benchmarks.md v10): 1.1-1.4x faster than
+Measured on an H100 (docs/notes/gluon/run_qk.py, docs/benchmarks.md v11): 1.2-1.5x faster than
 qk.py's Triton kernel.
 It serves the default format (:func:`supported`): token grouping, packs of 32, 4-bit
 minima, widths of at most 8 bits, GQA groups of at most 8; qk.py's Triton kernel serves the
@@ -74,8 +74,13 @@ def _qk_gluon_kernel(
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, MMA))
     out_cols = out_ptr + b * s_outb + (h * GROUP + cols) * s_outh
     tile_smem = gl.allocate_shared_memory(gl.float16, [D, NT], SHARED)
+    # Each tile's metadata is loaded a step ahead (masked past word_end), so that its latency
+    # and that of the plane words' addresses do not add up (docs/benchmarks.md, v11).
+    wb_n, mb_n, fw_n = _tile_meta(widths_bh, mins_bh, offsets_bh, first, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
     for tile in range(first, last):
-        wb, mb, fw = _tile_meta(widths_bh, mins_bh, offsets_bh, tile, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc, s_op, TW)
+        wb, mb, fw = wb_n, mb_n, fw_n
+        wb_n, mb_n, fw_n = _tile_meta(widths_bh, mins_bh, offsets_bh, tile + 1, word_end, mw, mc, s_wp, s_wc, s_mp, s_mc,
+                                      s_op, TW)
         tok = tile * NT + token
         on = tok < word_end * 32
         sc = _token_values(scale_bh, tok, on, s_sn, s_sx, BLOCK, FLAT)
